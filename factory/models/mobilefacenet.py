@@ -1,0 +1,132 @@
+"""MobileFaceNet.
+
+Chen, Liu, Gao, Han: "MobileFaceNets: Efficient CNNs for Accurate Real-Time Face Verification on
+Mobile Devices", arXiv 1804.07573 (2018). Table 1 of the paper, at 112x112 input:
+
+    input     operator              t   c    n  s
+    112x112   conv3x3               -   64   1  2
+    56x56     depthwise conv3x3     -   64   1  1
+    56x56     bottleneck            2   64   5  2
+    28x28     bottleneck            4   128  1  2
+    14x14     bottleneck            2   128  6  1
+    14x14     bottleneck            4   128  1  2
+    7x7       bottleneck            2   128  2  1
+    7x7       conv1x1               -   512  1  1
+    7x7       linear GDConv7x7      -   512  1  1
+    1x1       linear conv1x1        -   128  1  1
+
+PReLU everywhere a non-linearity is used; batch normalisation after every convolution. The paper
+reports 0.99M parameters and 221M multiply-adds.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from factory.models.registry import register_model
+
+# (expansion t, output channels c, repeats n, first stride s) — Table 1 of the paper.
+BOTTLENECK_SETTINGS: tuple[tuple[int, int, int, int], ...] = (
+    (2, 64, 5, 2),
+    (4, 128, 1, 2),
+    (2, 128, 6, 1),
+    (4, 128, 1, 2),
+    (2, 128, 2, 1),
+)
+
+
+class ConvBlock(nn.Sequential):
+    """Convolution + batch norm, followed by PReLU unless the block is linear."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        groups: int = 1,
+        linear: bool = False,
+    ) -> None:
+        padding = kernel_size // 2 if kernel_size in (1, 3) else 0
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False),
+            nn.BatchNorm2d(out_channels),
+        ]
+        if not linear:
+            layers.append(nn.PReLU(out_channels))
+        super().__init__(*layers)
+
+
+class Bottleneck(nn.Module):
+    """MobileNetV2 inverted residual with PReLU, as used by MobileFaceNet."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, expansion: int) -> None:
+        super().__init__()
+        hidden = in_channels * expansion
+        self.use_residual = stride == 1 and in_channels == out_channels
+        self.block = nn.Sequential(
+            ConvBlock(in_channels, hidden, 1),
+            ConvBlock(hidden, hidden, 3, stride=stride, groups=hidden),
+            ConvBlock(hidden, out_channels, 1, linear=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block(x)
+        return x + out if self.use_residual else out
+
+
+class MobileFaceNet(nn.Module):
+    """MobileFaceNet backbone producing an (un-normalised) embedding.
+
+    Args:
+        embedding_size: Width of the final linear 1x1 convolution (128 in the paper).
+        input_size: Square input side; the GDC kernel covers the whole final feature map.
+    """
+
+    def __init__(self, embedding_size: int = 128, input_size: int = 112) -> None:
+        super().__init__()
+        if input_size % 16 != 0:
+            raise ValueError(f"MobileFaceNet needs an input size divisible by 16, got {input_size}")
+        feature_side = input_size // 16
+        layers: list[nn.Module] = [
+            ConvBlock(3, 64, 3, stride=2),
+            ConvBlock(64, 64, 3, groups=64),
+        ]
+        channels = 64
+        for expansion, out_channels, repeats, first_stride in BOTTLENECK_SETTINGS:
+            for index in range(repeats):
+                stride = first_stride if index == 0 else 1
+                layers.append(Bottleneck(channels, out_channels, stride, expansion))
+                channels = out_channels
+        layers.append(ConvBlock(channels, 512, 1))
+        self.features = nn.Sequential(*layers)
+        # Global depthwise convolution: one 7x7 (at 112 input) linear filter per channel.
+        self.gdc = ConvBlock(512, 512, feature_side, groups=512, linear=True)
+        self.embedding = ConvBlock(512, embedding_size, 1, linear=True)
+        self.embedding_size = embedding_size
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        x = self.gdc(x)
+        x = self.embedding(x)
+        return torch.flatten(x, 1)
+
+
+@register_model(
+    "mobilefacenet",
+    paper="arXiv 1804.07573",
+    paper_numbers={"params_m": 0.99, "macs_m": 221.0, "lfw_accuracy": 0.9955},
+)
+def mobilefacenet(embedding_size: int = 128, input_size: int = 112) -> MobileFaceNet:
+    """MobileFaceNet exactly as in Table 1 of the paper."""
+    return MobileFaceNet(embedding_size=embedding_size, input_size=input_size)

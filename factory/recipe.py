@@ -1,0 +1,362 @@
+"""Recipe schema: typed dataclasses, strict parsing, and one error that lists every problem.
+
+A recipe is a YAML file. Every key is known; a misspelt key, a wrong type, a missing file or an
+impossible combination is reported with its YAML path (e.g. `targets[1].precisions[0]`).
+Relative paths are resolved against the folder holding the recipe file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+from factory.errors import FactoryError
+
+Format = Literal["tflite", "executorch", "coreml"]
+Precision = Literal["fp32", "fp16", "int8"]
+
+# Which precisions each target can produce (the target modules register the same pairs).
+SUPPORTED_PRECISIONS: dict[str, tuple[str, ...]] = {
+    "tflite": ("fp32", "int8"),
+    "executorch": ("fp32", "int8"),
+    "coreml": ("fp16", "int8"),
+}
+
+
+class RecipeError(FactoryError):
+    """A recipe with one or more problems; the message lists each with its YAML path."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {problem}" for problem in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s) in the recipe\n{lines}")
+
+
+@dataclass
+class InputSpec:
+    """What the model expects: a square RGB/BGR image, normalised as (pixel - mean) / std."""
+
+    size: int = 112
+    color_order: Literal["RGB", "BGR"] = "RGB"
+    mean: list[float] = field(default_factory=lambda: [127.5, 127.5, 127.5])
+    std: list[float] = field(default_factory=lambda: [128.0, 128.0, 128.0])
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+
+
+@dataclass
+class ModelConfig:
+    """Which registered architecture to build and with what shape."""
+
+    architecture: str
+    embedding_size: int = 128
+    input: InputSpec = field(default_factory=InputSpec)
+
+    def builder_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for the registry builder."""
+        return {"embedding_size": self.embedding_size, "input_size": self.input.size}
+
+
+@dataclass
+class WeightsConfig:
+    """Where trained weights live (safetensors) and their expected checksum."""
+
+    path: str
+    sha256: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    """How to train the model with an ArcFace head on a `path<TAB>label` split."""
+
+    split: str
+    epochs: int = 20
+    batch_size: int = 128
+    learning_rate: float = 0.1
+    warmup_steps: int = 200
+    weight_decay: float = 5e-4
+    arcface_scale: float = 64.0
+    arcface_margin: float = 0.5
+    max_shift: int = 4
+    seed: int = 0
+
+
+@dataclass
+class CalibrationConfig:
+    """Real faces used to calibrate int8 activation ranges."""
+
+    split: str
+    count: int = 500
+    seed: int = 0
+    allow_fewer_than_300: bool = False
+
+
+@dataclass
+class EvaluationConfig:
+    """Held-out faces for parity: an LFW-format pairs file and the folder it indexes."""
+
+    pairs: str
+    images: str
+    parity_images: int = 1000
+    max_pairs: int | None = None
+
+
+@dataclass
+class DataConfig:
+    """Real face data; `root` is the base of the other data paths."""
+
+    root: str
+    calibration: CalibrationConfig
+    evaluation: EvaluationConfig
+
+
+@dataclass
+class TargetConfig:
+    """One mobile runtime and the precisions to produce for it."""
+
+    format: Format
+    precisions: list[Precision]
+
+
+@dataclass
+class GateConfig:
+    """Parity gates of one precision against the fp32 PyTorch reference (None = not gated)."""
+
+    cosine_mean_min: float | None = None
+    cosine_min_min: float | None = None
+    lfw_accuracy_drop_max: float | None = None
+    flip_rate_max: float | None = None
+
+
+def _default_gates() -> dict[str, GateConfig]:
+    return {
+        "fp32": GateConfig(cosine_mean_min=0.9999),
+        "fp16": GateConfig(cosine_mean_min=0.999, lfw_accuracy_drop_max=0.005),
+        "int8": GateConfig(cosine_mean_min=0.99, lfw_accuracy_drop_max=0.005),
+    }
+
+
+@dataclass
+class LatencyConfig:
+    """Host latency measurement settings."""
+
+    warmup: int = 10
+    runs: int = 50
+
+
+@dataclass
+class Recipe:
+    """A whole recipe. `path` is the recipe file (set by the loader, not written in YAML)."""
+
+    name: str
+    model: ModelConfig
+    weights: WeightsConfig
+    data: DataConfig
+    targets: list[TargetConfig]
+    train: TrainConfig | None = None
+    gates: dict[Precision, GateConfig] = field(default_factory=_default_gates)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    path: Path = field(default=Path("."), metadata={"internal": True})
+
+    def resolve(self, relative: str) -> Path:
+        """A recipe path resolved against the recipe's folder."""
+        candidate = Path(relative).expanduser()
+        return candidate if candidate.is_absolute() else (self.path.parent / candidate).resolve()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fully resolved recipe as plain data (for the manifest)."""
+        data = dataclasses.asdict(self)
+        data["path"] = str(self.path)
+        return data
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(get_args(tp)[0])}"
+    if origin is dict:
+        return f"mapping of {_type_name(get_args(tp)[1])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    """Check `value` against type `tp`, collecting problems; returns the converted value."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [a for a in options if a is not type(None)]
+        return _convert(value, inner, where, problems)
+    if origin is Literal:
+        if value not in get_args(tp):
+            problems.append(f"{where}: {value!r} is not one of {_type_name(tp)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected a {_type_name(tp)}, got {type(value).__name__} {value!r}")
+            return []
+        return [_convert(item, get_args(tp)[0], f"{where}[{i}]", problems) for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a {_type_name(tp)}, got {type(value).__name__}")
+            return {}
+        key_type, value_type = get_args(tp)
+        return {
+            _convert(k, key_type, f"{where}.{k}", problems): _convert(v, value_type, f"{where}.{k}", problems)
+            for k, v in value.items()
+        }
+    if dataclasses.is_dataclass(tp):
+        return _build_dataclass(tp, value, where, problems)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        problems.append(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build_dataclass(cls: type, value: Any, where: str, problems: list[str]) -> Any:
+    if not isinstance(value, dict):
+        problems.append(f"{where or 'recipe'}: expected a mapping with keys {_field_names(cls)}, got {value!r}")
+        return None
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for key, item in value.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            problems.append(f"{path}: unknown key; known keys here: {_field_names(cls)}")
+            continue
+        kwargs[key] = _convert(item, hints[key], path, problems)
+    for name, spec in fields.items():
+        if name not in value and spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+            problems.append(f"{where + '.' if where else ''}{name}: required key is missing")
+    if any(v is None and not _allows_none(hints[k]) for k, v in kwargs.items()):
+        return None
+    try:
+        return cls(**kwargs)
+    except TypeError:
+        return None
+
+
+def _allows_none(tp: Any) -> bool:
+    return get_origin(tp) in (typing.Union, types.UnionType) and type(None) in get_args(tp)
+
+
+def _field_names(cls: type) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal"))
+
+
+def _check_rules(recipe: Recipe, problems: list[str]) -> None:
+    """Cross-field rules and file existence."""
+    from factory.models import model_names
+
+    if recipe.model.architecture not in model_names():
+        problems.append(f"model.architecture: {recipe.model.architecture!r} is not registered; "
+                        f"registered: {', '.join(model_names())}")
+    spec = recipe.model.input
+    for key, values in (("mean", spec.mean), ("std", spec.std)):
+        if len(values) != 3:
+            problems.append(f"model.input.{key}: needs 3 values (one per colour channel), got {len(values)}")
+    if any(s <= 0 for s in spec.std):
+        problems.append("model.input.std: every value must be positive")
+    if spec.size <= 0 or spec.size % 16:
+        problems.append(f"model.input.size: must be a positive multiple of 16, got {spec.size}")
+    if recipe.model.embedding_size <= 0:
+        problems.append("model.embedding_size: must be positive")
+    if not recipe.targets:
+        problems.append("targets: list at least one target")
+    seen: set[str] = set()
+    for index, target in enumerate(recipe.targets):
+        if target.format in seen:
+            problems.append(f"targets[{index}].format: {target.format!r} is listed twice; merge the precisions")
+        seen.add(target.format)
+        supported = SUPPORTED_PRECISIONS.get(target.format, ())
+        for p_index, precision in enumerate(target.precisions):
+            if precision in SUPPORTED_PRECISIONS.get(target.format, ()) or target.format not in SUPPORTED_PRECISIONS:
+                continue
+            problems.append(f"targets[{index}].precisions[{p_index}]: {target.format} cannot produce "
+                            f"{precision!r}; supported: {', '.join(supported)}")
+        if not target.precisions:
+            problems.append(f"targets[{index}].precisions: list at least one precision")
+    calibration = recipe.data.calibration
+    if calibration.count < 300 and not calibration.allow_fewer_than_300:
+        problems.append(f"data.calibration.count: {calibration.count} is fewer than 300 real faces; int8 needs at "
+                        "least 300 for stable ranges (set allow_fewer_than_300: true only for tests)")
+    if recipe.data.evaluation.parity_images < 1:
+        problems.append("data.evaluation.parity_images: must be at least 1")
+    for precision, gate in recipe.gates.items():
+        for name in ("cosine_mean_min", "cosine_min_min"):
+            value = getattr(gate, name)
+            if value is not None and not -1.0 <= value <= 1.0:
+                problems.append(f"gates.{precision}.{name}: a cosine lies in [-1, 1], got {value}")
+        for name in ("lfw_accuracy_drop_max", "flip_rate_max"):
+            value = getattr(gate, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                problems.append(f"gates.{precision}.{name}: a fraction in [0, 1], got {value}")
+    if recipe.train is not None:
+        for name in ("epochs", "batch_size"):
+            if getattr(recipe.train, name) <= 0:
+                problems.append(f"train.{name}: must be positive")
+    checks = [
+        ("data.root", recipe.data.root, "dir"),
+        ("data.calibration.split", str(Path(recipe.data.root) / calibration.split), "file"),
+        ("data.evaluation.pairs", str(Path(recipe.data.root) / recipe.data.evaluation.pairs), "file"),
+        ("data.evaluation.images", str(Path(recipe.data.root) / recipe.data.evaluation.images), "dir"),
+    ]
+    if recipe.train is not None:
+        checks.append(("train.split", str(Path(recipe.data.root) / recipe.train.split), "file"))
+    for key, relative, kind in checks:
+        resolved = recipe.resolve(relative)
+        exists = resolved.is_dir() if kind == "dir" else resolved.is_file()
+        if not exists:
+            problems.append(f"{key}: {kind} not found: {resolved}")
+    weights = recipe.resolve(recipe.weights.path)
+    if not weights.is_file() and recipe.train is None:
+        problems.append(f"weights.path: file not found: {weights}, and there is no 'train' section to make it")
+
+
+def parse_recipe(data: Any, path: Path) -> Recipe:
+    """Build a `Recipe` from parsed YAML, raising one `RecipeError` listing every problem."""
+    problems: list[str] = []
+    recipe = _build_dataclass(Recipe, data, "", problems)
+    if recipe is not None and not problems:
+        recipe.path = path.resolve()
+        _check_rules(recipe, problems)
+    if problems:
+        raise RecipeError(str(path), problems)
+    return recipe
+
+
+def load_recipe(path: str | Path, data_root: str | None = None) -> Recipe:
+    """Read, validate and resolve a recipe file.
+
+    Args:
+        path: The YAML recipe.
+        data_root: Overrides `data.root` (e.g. a user's own face folder), before validation.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FactoryError(f"recipe file not found: {path} — pass a recipes/*.yaml file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise RecipeError(str(path), [f"not valid YAML: {error}"]) from None
+    if data_root is not None and isinstance(data, dict) and isinstance(data.get("data"), dict):
+        data["data"]["root"] = str(Path(data_root).resolve())
+    return parse_recipe(data, path)
+
+
+def data_path(recipe: Recipe, relative: str) -> Path:
+    """A path under the recipe's data root."""
+    return recipe.resolve(recipe.data.root) / relative

@@ -1,0 +1,22 @@
+"""Target registry; importing this package registers every mobile runtime."""
+
+from factory.targets import coreml, executorch, tflite  # noqa: F401  (each registers itself)
+from factory.targets.base import (
+    CompiledArtifact,
+    CompileRequest,
+    Runner,
+    Target,
+    get_target,
+    register_target,
+    target_names,
+)
+
+__all__ = [
+    "CompileRequest",
+    "CompiledArtifact",
+    "Runner",
+    "Target",
+    "get_target",
+    "register_target",
+    "target_names",
+]

@@ -1,0 +1,148 @@
+"""What every mobile target provides, and the registry of targets."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from factory.deploy import Embedder
+from factory.errors import FactoryError
+from factory.stages import Stage, StageLog
+
+# Runs a batch of preprocessed images (in the artifact's own layout) and returns embeddings.
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class CompileRequest:
+    """Everything a target needs to compile one artifact.
+
+    Attributes:
+        backbone: The fp32 backbone in eval mode (normalised NCHW input, raw embedding output).
+        mean: Per-channel mean of the recipe's input spec.
+        std: Per-channel std of the recipe's input spec.
+        embedding_size: Width of the embedding.
+        precision: "fp32", "fp16" or "int8".
+        calibration: Calibration faces as NCHW float32 pixel values in [0, 255] (int8 uses them).
+        output: Where the artifact goes (a file, or a directory bundle for Core ML).
+        stages: Where the target times its pipeline stages.
+    """
+
+    backbone: nn.Module
+    mean: list[float]
+    std: list[float]
+    embedding_size: int
+    precision: str
+    calibration: np.ndarray
+    output: Path
+    stages: StageLog = field(default_factory=StageLog)
+
+    @property
+    def label(self) -> str:
+        return self.output.name
+
+    def deployable(self, backbone: nn.Module | None = None) -> Embedder:
+        """The deployed graph around `backbone` (default: the fp32 backbone)."""
+        # The backbone is already in eval mode; a quantised (exported) backbone refuses .eval().
+        embedder = Embedder(self.backbone if backbone is None else backbone, self.mean, self.std, self.embedding_size)
+        embedder.training = False
+        return embedder
+
+    def example_pixels(self) -> tuple[torch.Tensor]:
+        """One calibration face as the deployed graph's example input."""
+        return (torch.from_numpy(np.ascontiguousarray(self.calibration[:1])),)
+
+    def quantized_backbone(self, quantizer: object, fold_quantize: bool) -> nn.Module:
+        """The backbone quantised with a PT2E `quantizer`, calibrated on every calibration face.
+
+        `fold_quantize` stores int8 weights directly (XNNPACK wants this); litert-torch instead
+        wants float weights followed by an explicit quantise op, which it folds itself.
+
+        Only the backbone is quantised; the deployed graph's float pre- and post-processing wrap it
+        afterwards, which keeps the artifact's inputs and outputs float32.
+        """
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+        mean = np.asarray(self.mean, np.float32).reshape(1, -1, 1, 1)
+        std = np.asarray(self.std, np.float32).reshape(1, -1, 1, 1)
+        normalised = (self.calibration - mean) / std
+        example = (torch.from_numpy(np.ascontiguousarray(normalised[:1])),)
+        with self.stages.stage(Stage.QUANTIZE, f"{self.label}: {len(normalised)} calibration faces"):
+            prepared = prepare_pt2e(torch.export.export(self.backbone, example).module(), quantizer)
+            with torch.no_grad():
+                for index in range(len(normalised)):
+                    prepared(torch.from_numpy(np.ascontiguousarray(normalised[index : index + 1])))
+            return convert_pt2e(prepared, fold_quantize=fold_quantize)
+
+
+@dataclass
+class CompiledArtifact:
+    """What a target reports about an artifact it wrote."""
+
+    path: Path
+    format: str
+    precision: str
+    input_name: str
+    input_layout: str
+    input_shape: list[int]
+    input_dtype: str
+    output_name: str
+    output_shape: list[int]
+    output_dtype: str
+    quantization: str
+    details: dict[str, object] = field(default_factory=dict)
+
+
+class Target(Protocol):
+    """A mobile runtime the factory compiles to."""
+
+    format: str
+    suffix: str
+    precisions: tuple[str, ...]
+    runtime_name: str
+
+    def compile(self, request: CompileRequest) -> CompiledArtifact:
+        """Write the artifact to `request.output` (atomically) and describe it."""
+
+    def load_runner(self, path: Path, threads: int | None = None) -> Runner | None:
+        """A host runner for the artifact, or None when this host cannot execute the format."""
+
+    def host_support(self) -> str | None:
+        """None when artifacts run on this host, else why not (shown in reports)."""
+
+
+_TARGETS: dict[str, Target] = {}
+
+
+def register_target(target: Target) -> Target:
+    """Add a target instance to the registry under its format name."""
+    _TARGETS[target.format] = target
+    return target
+
+
+def target_names() -> list[str]:
+    """Registered target formats, sorted."""
+    return sorted(_TARGETS)
+
+
+def get_target(name: str) -> Target:
+    """The target for `name`; the error lists what is registered."""
+    try:
+        return _TARGETS[name]
+    except KeyError:
+        raise FactoryError(f"unknown target format {name!r}; registered: {', '.join(target_names())}") from None
+
+
+def batched(runner_one: Callable[[np.ndarray], np.ndarray]) -> Runner:
+    """Turn a batch-1 runner into one that takes a batch (mobile artifacts have batch 1)."""
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        return np.concatenate([runner_one(batch[i : i + 1]) for i in range(len(batch))], axis=0)
+
+    return run
