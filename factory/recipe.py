@@ -103,7 +103,7 @@ class EvaluationConfig:
 
     pairs: str
     images: str
-    parity_images: int = 1000
+    min_parity_images: int = 1000
     max_pairs: int | None = None
 
 
@@ -293,8 +293,13 @@ def _check_rules(recipe: Recipe, problems: list[str]) -> None:
     if calibration.count < 300 and not calibration.allow_fewer_than_300:
         problems.append(f"data.calibration.count: {calibration.count} is fewer than 300 real faces; int8 needs at "
                         "least 300 for stable ranges (set allow_fewer_than_300: true only for tests)")
-    if recipe.data.evaluation.parity_images < 1:
-        problems.append("data.evaluation.parity_images: must be at least 1")
+    evaluation = recipe.data.evaluation
+    if evaluation.min_parity_images < 1:
+        problems.append("data.evaluation.min_parity_images: must be at least 1")
+    if evaluation.max_pairs is not None and evaluation.max_pairs < 20:
+        problems.append("data.evaluation.max_pairs: at least 20 (one same and one different pair per fold)")
+    if recipe.latency.runs < 50 or recipe.latency.warmup < 1:
+        problems.append("latency: runs must be at least 50 and warmup at least 1 for stable medians")
     for precision, gate in recipe.gates.items():
         for name in ("cosine_mean_min", "cosine_min_min"):
             value = getattr(gate, name)

@@ -1,0 +1,7 @@
+"""Entry point for `python -m factory`."""
+
+import sys
+
+from factory.cli import main
+
+sys.exit(main())

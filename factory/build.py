@@ -1,0 +1,321 @@
+"""The build pipeline: recipe in, verified mobile artifacts and a report out.
+
+Stages (see `factory.stages.Stage`): load -> torch.export -> quantise -> lower -> serialise ->
+verify -> report. The old manifest is removed first and the new one is written last, so a build
+that stops half way is visible as "no manifest", never as a manifest describing wrong artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from factory.data import load_images, read_split, sample_paths
+from factory.deploy import Embedder
+from factory.errors import FactoryError
+from factory.evaluation import EvaluationSet, load_evaluation_set, torch_embeddings
+from factory.io import write_text_atomic
+from factory.latency import all_threads, time_calls
+from factory.metrics import cosine_summary, flip_rate
+from factory.models import create_model, model_entry
+from factory.peers import onnx_runtime_call, onnx_workdir, torch_eager_call
+from factory.profile import count_macs, count_parameters
+from factory.recipe import GateConfig, Recipe, data_path
+from factory.report import write_reports
+from factory.stages import Stage, StageLog
+from factory.targets import CompiledArtifact, CompileRequest, Target, get_target
+from factory.weights import load_weights, sha256_of
+
+TOOL_PACKAGES = ("torch", "executorch", "litert-torch", "ai-edge-litert", "coremltools", "onnxruntime", "numpy")
+MIN_CALIBRATION_FACES = 300
+
+
+@dataclass
+class BuildResult:
+    """What a build produced; `report` is the content of report.json."""
+
+    out_dir: Path
+    report: dict[str, Any]
+    stages: list[dict[str, object]] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.report["verdict"] == "pass"
+
+
+def tool_versions() -> dict[str, str]:
+    """Installed versions of the toolchain, for the manifest."""
+    versions = {"python": platform.python_version()}
+    for package in TOOL_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def load_backbone(recipe: Recipe) -> torch.nn.Module:
+    """The recipe's architecture with its trained safetensors weights, in eval mode."""
+    model = create_model(recipe.model.architecture, **recipe.model.builder_kwargs())
+    return load_weights(model, recipe.resolve(recipe.weights.path), recipe.weights.sha256)
+
+
+def load_calibration(recipe: Recipe, excluded: set[Path]) -> tuple[np.ndarray, list[Path]]:
+    """Calibration faces as NCHW float32 pixels; refuses too few faces or overlap with evaluation."""
+    cfg = recipe.data.calibration
+    items = read_split(data_path(recipe, cfg.split), recipe.resolve(recipe.data.root))
+    paths = sample_paths([path for path, _ in items], cfg.count, cfg.seed)
+    overlap = excluded.intersection(p.resolve() for p in paths)
+    if overlap:
+        raise FactoryError(
+            f"{len(overlap)} calibration image(s) are also evaluation images (e.g. {sorted(overlap)[0]}); "
+            "calibrate on a split that shares no image with data.evaluation"
+        )
+    if len(paths) < min(cfg.count, MIN_CALIBRATION_FACES) or (
+        len(paths) < MIN_CALIBRATION_FACES and not cfg.allow_fewer_than_300
+    ):
+        raise FactoryError(
+            f"only {len(paths)} calibration faces in {cfg.split}; int8 calibration needs at least "
+            f"{MIN_CALIBRATION_FACES} real faces (data.calibration.count)"
+        )
+    pixels = load_images(paths, recipe.model.input.size)
+    if recipe.model.input.color_order == "BGR":
+        pixels = pixels[..., ::-1]
+    return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2).astype(np.float32)), paths
+
+
+def evaluate_gates(gate: GateConfig | None, parity: dict[str, float]) -> list[dict[str, Any]]:
+    """Each configured gate with its measured value and whether it passed."""
+    if gate is None:
+        return []
+    checks = [
+        ("cosine_mean", gate.cosine_mean_min, ">="),
+        ("cosine_min", gate.cosine_min_min, ">="),
+        ("lfw_accuracy_drop", gate.lfw_accuracy_drop_max, "<="),
+        ("flip_rate", gate.flip_rate_max, "<="),
+    ]
+    results = []
+    for metric, threshold, op in checks:
+        if threshold is None:
+            continue
+        value = parity[metric]
+        passed = value >= threshold if op == ">=" else value <= threshold
+        results.append({"name": f"{metric} {op} {threshold}", "metric": metric, "value": value,
+                        "threshold": threshold, "op": op, "passed": bool(passed),
+                        "margin": value - threshold if op == ">=" else threshold - value})
+    return results
+
+
+def _parity(
+    embeddings: np.ndarray, reference: np.ndarray, evaluation: EvaluationSet, ref_verification: dict[str, Any]
+) -> dict[str, float]:
+    verification = evaluation.verification(embeddings)
+    rate, flips = flip_rate(ref_verification["similarities"], verification["similarities"],
+                            ref_verification["threshold"])
+    return {
+        **cosine_summary(embeddings, reference),
+        "lfw_accuracy": verification["accuracy"],
+        "lfw_accuracy_std": verification["accuracy_std"],
+        "lfw_accuracy_drop": ref_verification["accuracy"] - verification["accuracy"],
+        "flip_rate": rate,
+        "flips": flips,
+        "threshold": verification["threshold"],
+    }
+
+
+def _latency_rows(make_call: Any, warmup: int, runs: int) -> dict[str, dict[str, float]]:
+    rows = {}
+    for threads in sorted({1, all_threads()}):
+        rows[f"{threads}_thread" + ("s" if threads > 1 else "")] = time_calls(make_call(threads), warmup, runs)
+    return rows
+
+
+def build(recipe: Recipe, out_dir: Path | None = None, printer: Any = print) -> BuildResult:
+    """Run the whole pipeline for `recipe`; see the module docstring for the stages."""
+    out = (out_dir or Path("reports") / recipe.name).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / "manifest.json"
+    manifest_path.unlink(missing_ok=True)
+    log = StageLog(printer)
+    spec = recipe.model.input
+
+    with log.stage(Stage.LOAD, f"{recipe.model.architecture} weights, evaluation pairs, calibration faces"):
+        backbone = load_backbone(recipe)
+        reference_model = Embedder(backbone, spec.mean, spec.std, recipe.model.embedding_size).eval()
+        evaluation = load_evaluation_set(recipe)
+        calibration, calibration_paths = load_calibration(recipe, {p.resolve() for p in evaluation.paths})
+    printer(f"  {len(evaluation.pairs)} pairs over {len(evaluation.paths)} held-out images; "
+            f"{len(calibration_paths)} calibration faces")
+
+    with log.stage(Stage.VERIFY, "PyTorch fp32 reference"):
+        reference = torch_embeddings(reference_model, evaluation.pixels("NCHW"))
+        ref_verification = evaluation.verification(reference)
+    printer(f"  reference LFW accuracy {ref_verification['accuracy']:.4f} ± {ref_verification['accuracy_std']:.4f}")
+
+    compiled: list[CompiledArtifact] = []
+    for target_cfg in recipe.targets:
+        target = get_target(target_cfg.format)
+        for precision in target_cfg.precisions:
+            request = CompileRequest(
+                backbone=backbone, mean=spec.mean, std=spec.std, embedding_size=recipe.model.embedding_size,
+                precision=precision, calibration=calibration,
+                output=out / f"{recipe.name}_{precision}{target.suffix}", stages=log,
+            )
+            compiled.append(target.compile(request))
+
+    artifacts = []
+    example_nchw = evaluation.pixels("NCHW")[:1]
+    for artifact in compiled:
+        target = get_target(artifact.format)
+        entry: dict[str, Any] = {
+            "file": artifact.path.name, "format": artifact.format, "precision": artifact.precision,
+            "bytes": _size(artifact.path), "sha256": sha256_of(artifact.path),
+            "quantization": artifact.quantization, "runtime": target.runtime_name,
+            "io": _io(artifact), "details": artifact.details,
+            "verified_by": None, "status": None, "parity": None, "gates": [], "latency_ms": None,
+        }
+        unsupported = target.host_support()
+        if unsupported is not None:
+            entry["status"] = unsupported
+            printer(f"[verify] {artifact.path.name}: {unsupported}")
+            artifacts.append(entry)
+            continue
+        with log.stage(Stage.VERIFY, f"{artifact.path.name} on {len(evaluation.paths)} faces"):
+            runner = target.load_runner(artifact.path, all_threads())
+            embeddings = runner(evaluation.pixels(artifact.input_layout))
+            parity = _parity(embeddings, reference, evaluation, ref_verification)
+            gate = recipe.gates.get(artifact.precision)
+            entry.update(verified_by=target.runtime_name, status="verified", parity=parity,
+                         gates=evaluate_gates(gate, parity))
+        example = example_nchw.transpose(0, 2, 3, 1).copy() if artifact.input_layout == "NHWC" else example_nchw
+        with log.stage(Stage.VERIFY, f"{artifact.path.name} latency"):
+            entry["latency_ms"] = _latency_rows(
+                _artifact_call(target, artifact.path, example), recipe.latency.warmup, recipe.latency.runs
+            )
+        for gate_result in entry["gates"]:
+            if not gate_result["passed"]:
+                printer(f"  GATE FAILED {artifact.path.name}: {gate_result['metric']} = {gate_result['value']:.6f}, "
+                        f"needs {gate_result['op']} {gate_result['threshold']} (off by {-gate_result['margin']:.6f})")
+        artifacts.append(entry)
+
+    with log.stage(Stage.VERIFY, "peer runtimes latency (PyTorch eager, ONNX Runtime)"), onnx_workdir() as tmp:
+        peers = {
+            "pytorch_eager_fp32": _latency_rows(
+                lambda threads: torch_eager_call(reference_model, example_nchw, threads),
+                recipe.latency.warmup, recipe.latency.runs),
+            "onnxruntime_fp32": _latency_rows(
+                lambda threads: onnx_runtime_call(reference_model, example_nchw, threads, Path(tmp)),
+                recipe.latency.warmup, recipe.latency.runs),
+        }
+
+    verified = [a for a in artifacts if a["status"] == "verified"]
+    all_gates = [g for a in verified for g in a["gates"]]
+    verdict = "pass" if verified and all(g["passed"] for g in all_gates) else "fail"
+    entry_info = model_entry(recipe.model.architecture)
+    report = {
+        "recipe": recipe.name,
+        "verdict": verdict,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": f"python -m factory build {_display_path(recipe.path)}",
+        "host": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                 "threads": all_threads()},
+        "model": {
+            "architecture": recipe.model.architecture, "paper": entry_info.paper,
+            "paper_numbers": entry_info.paper_numbers,
+            "params": count_parameters(backbone),
+            "macs": count_macs(backbone, (1, 3, spec.size, spec.size)),
+            "weights_sha256": sha256_of(recipe.resolve(recipe.weights.path)),
+            "input": {"size": spec.size, "color_order": spec.color_order, "mean": spec.mean, "std": spec.std},
+        },
+        "evaluation": {
+            "pairs_file": recipe.data.evaluation.pairs, "pairs": len(evaluation.pairs),
+            "parity_images": len(evaluation.paths), "calibration_faces": len(calibration_paths),
+            "protocol": "10-fold: threshold chosen on 9 folds, accuracy on the 10th; mean ± std",
+        },
+        "reference": {
+            "framework": f"PyTorch {torch.__version__} eager fp32",
+            "lfw_accuracy": ref_verification["accuracy"],
+            "lfw_accuracy_std": ref_verification["accuracy_std"],
+            "threshold": ref_verification["threshold"],
+        },
+        "peers": peers,
+        "artifacts": artifacts,
+        "stages": log.records,
+    }
+    with log.stage(Stage.REPORT, str(out)):
+        write_reports(out, report)
+        manifest = _manifest(recipe, report, compiled)
+        write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
+    return BuildResult(out, report, log.records)
+
+
+def _artifact_call(target: Target, path: Path, example: np.ndarray) -> Callable[[int], Callable[[], object]]:
+    """For a thread count, a zero-argument call that runs the artifact once on `example`."""
+
+    def make_call(threads: int) -> Callable[[], object]:
+        runner = target.load_runner(path, threads)
+        return lambda: runner(example)
+
+    return make_call
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def _io(artifact: CompiledArtifact) -> dict[str, Any]:
+    return {
+        "input": {"name": artifact.input_name, "shape": artifact.input_shape, "dtype": artifact.input_dtype,
+                  "layout": artifact.input_layout},
+        "output": {"name": artifact.output_name, "shape": artifact.output_shape, "dtype": artifact.output_dtype},
+    }
+
+
+def _display_path(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _manifest(recipe: Recipe, report: dict[str, Any], compiled: list[CompiledArtifact]) -> dict[str, Any]:
+    spec = recipe.model.input
+    return {
+        "schema_version": 1,
+        "recipe": recipe.name,
+        "verdict": report["verdict"],
+        "created": report["created"],
+        "command": report["command"],
+        "preprocessing": {
+            "face_alignment": "5-point similarity transform onto the ArcFace 112x112 template",
+            "input_size": spec.size,
+            "color_order": spec.color_order,
+            "pixel_range": [0, 255],
+            "normalisation_in_model": f"(pixel - {spec.mean}) / {spec.std}, applied inside every artifact",
+            "mean": spec.mean,
+            "std": spec.std,
+        },
+        "output": {
+            "embedding_size": recipe.model.embedding_size,
+            "l2_normalised": True,
+            "compare": "dot product of two embeddings = cosine similarity",
+            "reference_threshold": report["reference"]["threshold"],
+        },
+        "artifacts": [
+            {key: a[key] for key in ("file", "format", "precision", "bytes", "sha256", "quantization", "runtime",
+                                     "io", "verified_by", "status")}
+            for a in report["artifacts"]
+        ],
+        "weights": {"path": recipe.weights.path, "sha256": report["model"]["weights_sha256"]},
+        "tools": tool_versions(),
+        "resolved_recipe": recipe.to_dict(),
+    }

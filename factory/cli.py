@@ -1,0 +1,123 @@
+"""Command line: `python -m factory {validate,list,train,build} ...`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from factory.errors import FactoryError
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from factory.recipe import RecipeError, load_recipe
+
+    failed = 0
+    for path in args.recipes:
+        try:
+            recipe = load_recipe(path)
+        except RecipeError as error:
+            print(error, file=sys.stderr)
+            failed += 1
+            continue
+        except FactoryError as error:
+            print(f"{path}: {error}", file=sys.stderr)
+            failed += 1
+            continue
+        formats = ", ".join(f"{t.format} {'/'.join(t.precisions)}" for t in recipe.targets)
+        print(f"{path}: ok ({recipe.model.architecture}; {formats})")
+    return 2 if failed else 0
+
+
+def _list(_args: argparse.Namespace) -> int:
+    from factory.models import model_entry, model_names
+    from factory.targets import get_target, target_names
+
+    print("models:")
+    for name in model_names():
+        entry = model_entry(name)
+        numbers = ", ".join(f"{k}={v}" for k, v in entry.paper_numbers.items())
+        print(f"  {name:<16} {entry.paper:<20} paper: {numbers}")
+    print("targets:")
+    for name in target_names():
+        target = get_target(name)
+        note = target.host_support() or "runs on this host"
+        print(f"  {name:<16} {target.suffix:<12} precisions: {', '.join(target.precisions):<12} {note}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from factory.build import load_evaluation_set
+    from factory.deploy import Embedder
+    from factory.evaluation import torch_embeddings
+    from factory.recipe import load_recipe
+    from factory.train import train
+
+    recipe = load_recipe(args.recipe, data_root=args.data_root)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    output = Path(args.output) if args.output else recipe.resolve(recipe.weights.path)
+    spec = recipe.model.input
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        evaluation = load_evaluation_set(recipe)
+        embedder = Embedder(model.eval(), spec.mean, spec.std, recipe.model.embedding_size).eval()
+        result = evaluation.verification(torch_embeddings(embedder, evaluation.pixels("NCHW")))
+        return {"lfw_accuracy": result["accuracy"], "lfw_accuracy_std": result["accuracy_std"],
+                "pairs": len(evaluation.pairs)}
+
+    summary = train(recipe, output, device=args.device, evaluate=evaluate)
+    print(f"weights written to {output} ({summary['wall_time_s'] / 60:.1f} min on {summary['device']})")
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from factory.build import build
+    from factory.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, data_root=args.data_root)
+    result = build(recipe, Path(args.out) if args.out else None)
+    print(f"\n{result.report['verdict'].upper()}: report in {result.out_dir / 'report.md'}")
+    return 0 if result.passed else 1
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m factory", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    validate = commands.add_parser("validate", help="check recipes without running them")
+    validate.add_argument("recipes", nargs="+")
+    validate.set_defaults(handler=_validate)
+
+    listing = commands.add_parser("list", help="registered models and targets")
+    listing.set_defaults(handler=_list)
+
+    train = commands.add_parser("train", help="train the recipe's model and save safetensors weights")
+    train.add_argument("recipe")
+    train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    train.add_argument("--output", help="weights file (default: weights.path of the recipe)")
+    train.add_argument("--threads", type=int, help="CPU threads for training")
+    train.add_argument("--data-root", help="use this face folder instead of data.root")
+    train.set_defaults(handler=_train)
+
+    build = commands.add_parser("build", help="compile, verify and report all targets of a recipe")
+    build.add_argument("recipe")
+    build.add_argument("--out", help="output folder (default: reports/<recipe name>)")
+    build.add_argument("--data-root", help="use this face folder instead of data.root")
+    build.set_defaults(handler=_build)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except FactoryError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

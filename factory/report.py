@@ -1,0 +1,119 @@
+"""Build reports: `report.json` (a contract read by the harness and users' scripts) and `report.md`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from factory.io import write_text_atomic
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.2f}%"
+
+
+def _latency_cell(rows: dict[str, dict[str, float]] | None, key: str) -> str:
+    if not rows or key not in rows:
+        return "—"
+    return f"{rows[key]['median_ms']:.2f} / {rows[key]['p90_ms']:.2f}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The human-readable model card of a build."""
+    model, ref, ev = report["model"], report["reference"], report["evaluation"]
+    artifacts = report["artifacts"]
+    thread_keys = sorted({k for a in artifacts if a["latency_ms"] for k in a["latency_ms"]}
+                         | {k for rows in report["peers"].values() for k in rows}, key=lambda k: int(k.split("_")[0]))
+    paper = model["paper_numbers"]
+    lines = [
+        f"# {report['recipe']} — model card",
+        "",
+        f"Verdict: **{report['verdict'].upper()}**. Built {report['created']} with `{report['command']}` "
+        f"on {report['host']['platform']} ({report['host']['threads']} threads). Every number below was "
+        "measured in that run.",
+        "",
+        "## The model",
+        "",
+        f"- Architecture: `{model['architecture']}` ({model['paper']}).",
+        f"- Parameters: {model['params'] / 1e6:.3f} M (paper {paper.get('params_m', '—')} M); "
+        f"multiply-adds: {model['macs'] / 1e6:.1f} M (paper {paper.get('macs_m', '—')} M).",
+        f"- Weights sha256: `{model['weights_sha256']}`.",
+        "",
+        "## Input and output (all artifacts)",
+        "",
+        f"- Input: an aligned {model['input']['color_order']} face (5-point similarity transform onto the ArcFace "
+        f"{model['input']['size']}x{model['input']['size']} template), float32 pixel values in [0, 255]. "
+        f"Normalisation `(pixel - {model['input']['mean']}) / {model['input']['std']}` runs inside the model; "
+        "the layout per artifact is in the table below.",
+        "- Output: float32 embedding, L2-normalised: the dot product of two embeddings is their cosine "
+        f"similarity. Same person when the similarity exceeds the threshold (reference: {_fmt(ref['threshold'])}).",
+        "- int8 artifacts keep float32 inputs and outputs: apps need no quantisation maths.",
+        "",
+        "| artifact | format | precision | input (layout, shape) | output | quantisation |",
+        "|---|---|---|---|---|---|",
+    ]
+    for a in artifacts:
+        io = a["io"]
+        lines.append(
+            f"| `{a['file']}` | {a['format']} | {a['precision']} | `{io['input']['name']}` {io['input']['layout']} "
+            f"{io['input']['shape']} {io['input']['dtype']} | `{io['output']['name']}` {io['output']['shape']} | "
+            f"{a['quantization']} |"
+        )
+    lines += [
+        "",
+        "## Parity with the PyTorch fp32 reference",
+        "",
+        f"Held-out faces: {ev['parity_images']} images of {ev['pairs']} pairs from `{ev['pairs_file']}` "
+        f"(identities absent from training and calibration); calibration used {ev['calibration_faces']} other "
+        f"faces. Verification protocol: {ev['protocol']}.",
+        "",
+        f"Reference ({ref['framework']}): LFW accuracy **{_pct(ref['lfw_accuracy'])}** ± "
+        f"{_pct(ref['lfw_accuracy_std'])}.",
+        "",
+        "| artifact | size | verified by | cosine mean / min / p1 | LFW acc. | drop | flips | own threshold | gates |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for a in artifacts:
+        p = a["parity"]
+        size = f"{a['bytes'] / 1e6:.2f} MB"
+        if p is None:
+            lines.append(f"| `{a['file']}` | {size} | — | {a['status']} | — | — | — | — | — |")
+            continue
+        gates = ", ".join(("pass" if g["passed"] else "**FAIL**") + f" {g['name']}" for g in a["gates"]) or "none"
+        lines.append(
+            f"| `{a['file']}` | {size} | {a['verified_by']} | {_fmt(p['cosine_mean'], 5)} / {_fmt(p['cosine_min'], 5)}"
+            f" / {_fmt(p['cosine_p1'], 5)} | {_pct(p['lfw_accuracy'])} | {100 * p['lfw_accuracy_drop']:+.2f} pt | "
+            f"{p['flips']} ({_pct(p['flip_rate'])}) | {_fmt(p['threshold'])} | {gates} |"
+        )
+    lines += [
+        "",
+        "## Host latency per face (batch 1, ms: median / p90)",
+        "",
+        f"{report['artifacts'][0]['latency_ms'] and next(iter(report['artifacts'][0]['latency_ms'].values()))['runs']}"
+        " timed runs after warm-up, each artifact in its own runtime on this host; peers are the same fp32 "
+        "model in PyTorch eager and ONNX Runtime. Phones are measured by `mobile_harness`.",
+        "",
+        "| runtime | " + " | ".join(k.replace("_", " ") for k in thread_keys) + " |",
+        "|---|" + "---|" * len(thread_keys),
+    ]
+    for a in artifacts:
+        if a["latency_ms"]:
+            lines.append(f"| `{a['file']}` | " + " | ".join(_latency_cell(a["latency_ms"], k) for k in thread_keys) + " |")
+        else:
+            lines.append(f"| `{a['file']}` | " + " | ".join("not run on this host" for _ in thread_keys) + " |")
+    for name, rows in report["peers"].items():
+        lines.append(f"| {name.replace('_', ' ')} | " + " | ".join(_latency_cell(rows, k) for k in thread_keys) + " |")
+    lines += ["", "## Build stages", "", "| stage | subject | seconds |", "|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['subject']} | {r['seconds']} |" for r in report["stages"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(out: Path, report: dict[str, Any]) -> None:
+    """Write report.json and report.md atomically."""
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out / "report.md", render_markdown(report))
