@@ -38,4 +38,4 @@ class Embedder(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         embedding = self.backbone((pixels - self.mean) * self.inv_std)
         squared_norm = F.linear(embedding * embedding, self.ones)
-        return embedding * torch.rsqrt(torch.clamp(squared_norm, min=1e-12))
+        return embedding * torch.rsqrt(torch.clamp(squared_norm, min=1e-6))

@@ -1,0 +1,31 @@
+"""Shared fixtures. Tests that need real faces fail (never skip) with a clear message without them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import FACES, TinyFaceNet, settle_batchnorm  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def faces_root() -> Path:
+    """The real aligned faces; a clear failure when the shared data folder is missing."""
+    if not (FACES / "lfw" / "pairs.txt").is_file() or not (FACES / "splits" / "train.txt").is_file():
+        pytest.fail(
+            f"real face data not found at {FACES}: this test needs ../shared/data/faces next to the repository "
+            "(see ../shared/data/faces/README.md)",
+            pytrace=False,
+        )
+    return FACES
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return settle_batchnorm(TinyFaceNet(), torch.randn(32, 3, 112, 112))

@@ -1,0 +1,94 @@
+"""Small models and data the tests make themselves (no downloads, no real faces)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from factory.models.mobilefacenet import Bottleneck, ConvBlock
+
+REPO = Path(__file__).resolve().parents[1]
+FACES = (REPO.parent / "shared" / "data" / "faces").resolve()
+
+
+class TinyFaceNet(nn.Module):
+    """A few MobileFaceNet blocks (PReLU, depthwise, residual, GDC head): the real op mix, fast to compile."""
+
+    def __init__(self, embedding_size: int = 32) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            ConvBlock(3, 16, 3, stride=2),
+            Bottleneck(16, 16, 1, 2),
+            Bottleneck(16, 32, 2, 2),
+            ConvBlock(32, 64, 1),
+            ConvBlock(64, 64, 28, groups=64, linear=True),
+            ConvBlock(64, embedding_size, 1, linear=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.body(x), 1)
+
+
+def settle_batchnorm(model: nn.Module, images: torch.Tensor) -> nn.Module:
+    """Set batch-norm statistics from `images` so a randomly initialised model has sane activations."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(images)
+    return model.eval()
+
+
+def synthetic_faces(root: Path, identities: int = 4, per_identity: int = 6, size: int = 112) -> list[Path]:
+    """Write face-like test images (one sub-folder per identity): a per-identity pattern plus noise."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for identity in range(identities):
+        base = rng.integers(0, 256, size=(8, 8, 3)).astype(np.float32)
+        folder = root / f"person_{identity}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(1, per_identity + 1):
+            image = cv2.resize(base, (size, size), interpolation=cv2.INTER_CUBIC)
+            image = np.clip(image + rng.normal(0, 20, image.shape), 0, 255).astype(np.uint8)
+            path = folder / f"person_{identity}_{index:04d}.jpg"
+            cv2.imwrite(str(path), image)
+            paths.append(path)
+    return paths
+
+
+def synthetic_dataset(root: Path, identities: int = 4, per_identity: int = 6) -> Path:
+    """A face folder with a training split and an LFW-format pairs file (2 folds), made from scratch."""
+    paths = synthetic_faces(root / "aligned", identities, per_identity)
+    (root / "splits").mkdir(parents=True, exist_ok=True)
+    (root / "splits" / "train.txt").write_text(
+        "".join(f"{p.relative_to(root)}\t{p.parent.name}\n" for p in paths)
+    )
+    lines = ["2\t3"]
+    for fold in range(2):
+        a, b = f"person_{2 * fold}", f"person_{2 * fold + 1}"
+        lines += [f"{a}\t1\t{i}" for i in (2, 3, 4)]
+        lines += [f"{a}\t{i}\t{b}\t{i}" for i in (1, 2, 3)]
+    (root / "pairs.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def recipe_dict(data_root: Path, weights: str = "w.safetensors") -> dict:
+    """A small valid recipe as plain data, pointing at `data_root`."""
+    return {
+        "name": "tiny",
+        "model": {"architecture": "mobilefacenet", "embedding_size": 128},
+        "weights": {"path": weights},
+        "train": {"split": "splits/train.txt", "epochs": 1, "batch_size": 8, "warmup_steps": 1},
+        "data": {
+            "root": str(data_root),
+            "calibration": {"split": "splits/train.txt", "count": 8, "allow_fewer_than_300": True},
+            "evaluation": {"pairs": "pairs.txt", "images": "aligned", "min_parity_images": 4},
+        },
+        "targets": [{"format": "tflite", "precisions": ["fp32", "int8"]}],
+    }

@@ -1,0 +1,89 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import REPO, recipe_dict, synthetic_dataset
+
+from factory.errors import FactoryError
+from factory.recipe import RecipeError, load_recipe
+
+
+@pytest.fixture()
+def data_root(tmp_path: Path) -> Path:
+    return synthetic_dataset(tmp_path / "faces")
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def problems_of(path: Path) -> list[str]:
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    return caught.value.problems
+
+
+def test_valid_recipe_loads_with_defaults(tmp_path: Path, data_root: Path) -> None:
+    recipe = load_recipe(write(tmp_path, recipe_dict(data_root)))
+    assert recipe.model.input.size == 112
+    assert recipe.gates["fp32"].cosine_mean_min == 0.9999
+    assert recipe.gates["int8"].lfw_accuracy_drop_max == 0.005
+    assert recipe.resolve(recipe.weights.path) == tmp_path / "w.safetensors"
+
+
+def test_every_problem_is_reported_at_once_with_its_yaml_path(tmp_path: Path, data_root: Path) -> None:
+    data = recipe_dict(data_root)
+    data["model"]["embeding_size"] = 64  # misspelt key
+    data["model"]["input"] = {"size": "112"}  # wrong type
+    data["targets"].append({"format": "coreml", "precisions": ["fp32"]})  # Core ML builds fp16/int8
+    data["targets"].append({"format": "onnx", "precisions": ["fp32"]})  # unknown format
+    problems = problems_of(write(tmp_path, data))
+    joined = "\n".join(problems)
+    assert "model.embeding_size: unknown key" in joined
+    assert "model.input.size: expected int" in joined
+    assert "targets[2].format: 'onnx' is not one of" in joined
+    assert len(problems) == 3  # rules that need a parsed recipe run once the structure is right
+
+
+def test_cross_field_rules_name_the_key_and_the_fix(tmp_path: Path, data_root: Path) -> None:
+    data = recipe_dict(data_root)
+    data["targets"].append({"format": "coreml", "precisions": ["fp32"]})
+    data["data"]["calibration"] = {"split": "splits/train.txt", "count": 100}
+    data["data"]["evaluation"]["pairs"] = "missing_pairs.txt"
+    data["gates"] = {"int8": {"cosine_mean_min": 1.5}}
+    joined = "\n".join(problems_of(write(tmp_path, data)))
+    assert "targets[1].precisions[0]: coreml cannot produce 'fp32'; supported: fp16, int8" in joined
+    assert "data.calibration.count: 100 is fewer than 300" in joined
+    assert "data.evaluation.pairs: file not found" in joined
+    assert "gates.int8.cosine_mean_min: a cosine lies in [-1, 1]" in joined
+
+
+def test_missing_required_keys_and_malformed_yaml(tmp_path: Path) -> None:
+    problems = problems_of(write(tmp_path, {"name": "x"}))
+    assert {"model: required key is missing", "targets: required key is missing"} <= set(problems)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    assert "not valid YAML" in problems_of(bad)[0]
+    with pytest.raises(FactoryError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_cli_validate_exits_2_and_lists_problems(tmp_path: Path, data_root: Path) -> None:
+    data = recipe_dict(data_root)
+    data["targets"] = [{"format": "tflite", "precisions": ["fp16"]}]
+    path = write(tmp_path, data)
+    result = subprocess.run([sys.executable, "-m", "factory", "validate", str(path)],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2
+    assert "targets[0].precisions[0]: tflite cannot produce 'fp16'" in result.stderr
+
+
+def test_shipped_recipes_validate() -> None:
+    result = subprocess.run([sys.executable, "-m", "factory", "validate", *map(str, sorted((REPO / "recipes").glob("*.yaml")))],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "mobilefacenet.yaml: ok" in result.stdout

@@ -1,0 +1,94 @@
+"""Each target compiled from a tiny model with MobileFaceNet's op mix, then run in its own runtime."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from factory.deploy import Embedder
+from factory.errors import FactoryError
+from factory.metrics import cosine_summary
+from factory.targets import CompileRequest, get_target
+
+MEAN, STD = [127.5, 127.5, 127.5], [128.0, 128.0, 128.0]
+
+
+def pixels(count: int, seed: int) -> np.ndarray:
+    """Smooth random images (closer to photographs than white noise), NCHW float32 in [0, 255]."""
+    rng = np.random.default_rng(seed)
+    coarse = torch.from_numpy(rng.uniform(0, 255, size=(count, 3, 14, 14)).astype(np.float32))
+    return torch.nn.functional.interpolate(coarse, size=112, mode="bilinear").numpy()
+
+
+def compile_tiny(backbone: torch.nn.Module, fmt: str, precision: str, out: Path):
+    target = get_target(fmt)
+    request = CompileRequest(backbone, MEAN, STD, 32, precision, pixels(64, 0), out / f"tiny_{precision}{target.suffix}")
+    return target, target.compile(request)
+
+
+def run_parity(target, artifact, backbone: torch.nn.Module) -> dict[str, float]:
+    x = pixels(16, 1)
+    with torch.no_grad():
+        reference = Embedder(backbone, MEAN, STD, 32).eval()(torch.from_numpy(x)).numpy()
+    runner = target.load_runner(artifact.path, 1)
+    feed = x.transpose(0, 2, 3, 1).copy() if artifact.input_layout == "NHWC" else x
+    out = runner(feed)
+    assert out.shape == reference.shape
+    assert np.allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-3), "artifacts output unit-length embeddings"
+    return cosine_summary(out, reference)
+
+
+@pytest.mark.parametrize(("fmt", "precision", "min_cosine"), [
+    ("tflite", "fp32", 0.9999), ("tflite", "int8", 0.98),
+    ("executorch", "fp32", 0.9999), ("executorch", "int8", 0.98),
+])
+def test_artifact_matches_pytorch_in_its_runtime(tiny_backbone, tmp_path, fmt, precision, min_cosine) -> None:
+    target, artifact = compile_tiny(tiny_backbone, fmt, precision, tmp_path)
+    assert artifact.path.is_file() and artifact.path.stat().st_size > 10_000
+    assert artifact.input_dtype == "float32" and artifact.output_dtype == "float32", "float I/O in every precision"
+    parity = run_parity(target, artifact, tiny_backbone)
+    assert parity["cosine_mean"] >= min_cosine, parity
+    if fmt == "executorch":
+        assert artifact.details["delegated"] and artifact.details["delegate_calls"] >= 1
+
+
+def test_tflite_int8_really_computes_in_int8(tiny_backbone, tmp_path) -> None:
+    from ai_edge_litert.interpreter import Interpreter
+
+    _, artifact = compile_tiny(tiny_backbone, "tflite", "int8", tmp_path)
+    interpreter = Interpreter(model_path=str(artifact.path))
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    conv_inputs = [tensors[op["inputs"][0]]["dtype"] for op in interpreter._get_ops_details()
+                   if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D")]
+    assert conv_inputs and all(dtype == np.int8 for dtype in conv_inputs)
+
+
+def test_executorch_refuses_a_graph_that_is_not_fully_delegated(tmp_path) -> None:
+    class WithCumsum(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 32, 112)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cumsum(self.conv(x).flatten(1), dim=1)  # no XNNPACK kernel for cumsum
+
+    with pytest.raises(FactoryError, match="not delegated to XNNPACK"):
+        compile_tiny(WithCumsum().eval(), "executorch", "fp32", tmp_path)
+    assert not list(tmp_path.glob("*.pte")), "nothing half-written"
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_coreml_program_is_built_with_the_promised_weights(tiny_backbone, tmp_path, precision) -> None:
+    import coremltools as ct
+
+    target, artifact = compile_tiny(tiny_backbone, "coreml", precision, tmp_path)
+    assert (artifact.path / "Manifest.json").is_file()
+    spec = ct.models.MLModel(str(artifact.path), skip_model_load=True).get_spec()
+    assert [i.name for i in spec.description.input] == ["image"]
+    assert [o.name for o in spec.description.output] == ["embedding"]
+    ops = {op.type for function in spec.mlProgram.functions.values()
+           for block in function.block_specializations.values() for op in block.operations}
+    assert ("constexpr_affine_dequantize" in ops) == (precision == "int8")
+    if target.host_support() is not None:
+        assert target.load_runner(artifact.path) is None
