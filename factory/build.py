@@ -11,7 +11,7 @@ import json
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -224,7 +224,7 @@ def build(recipe: Recipe, out_dir: Path | None = None, printer: Any = print) -> 
     report = {
         "recipe": recipe.name,
         "verdict": verdict,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": f"python -m factory build {_display_path(recipe.path)}",
         "host": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                  "threads": all_threads()},

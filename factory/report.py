@@ -103,7 +103,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     for a in artifacts:
         if a["latency_ms"]:
-            lines.append(f"| `{a['file']}` | " + " | ".join(_latency_cell(a["latency_ms"], k) for k in thread_keys) + " |")
+            cells = " | ".join(_latency_cell(a["latency_ms"], k) for k in thread_keys)
+            lines.append(f"| `{a['file']}` | {cells} |")
         else:
             lines.append(f"| `{a['file']}` | " + " | ".join("not run on this host" for _ in thread_keys) + " |")
     for name, rows in report["peers"].items():

@@ -99,7 +99,9 @@ def _load_checkpoint(path: Path, model: nn.Module, head: nn.Module, optimizer: t
             meta = json.loads((handle.metadata() or {})["factory"])
         tensors = load_file(str(path))
     except Exception as error:  # safetensors raises several types for corrupt files
-        raise FactoryError(f"checkpoint {path} is corrupt or not a factory checkpoint ({error}); delete it to start over") from None
+        raise FactoryError(
+            f"checkpoint {path} is corrupt or not a factory checkpoint ({error}); delete it to start over"
+        ) from None
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -148,7 +150,7 @@ def train(
     model = model.to(device, memory_format=torch.channels_last)
     head = ArcFaceHead(recipe.model.embedding_size, len(labels_text), cfg.arcface_scale, cfg.arcface_margin).to(device)
     decay, no_decay = [], []
-    for name, param in list(model.named_parameters()) + list(head.named_parameters()):
+    for _name, param in list(model.named_parameters()) + list(head.named_parameters()):
         (no_decay if param.ndim <= 1 else decay).append(param)
     optimizer = torch.optim.SGD(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -161,7 +163,9 @@ def train(
     if checkpoint.is_file():
         meta = _load_checkpoint(checkpoint, model, head, optimizer)
         if meta.get("train_config") != asdict(cfg):
-            raise FactoryError(f"checkpoint {checkpoint} was made with other training settings; delete it to start over")
+            raise FactoryError(
+                f"checkpoint {checkpoint} was made with other training settings; delete it to start over"
+            )
         start_epoch, history = meta["epoch"], meta["history"]
         log(f"resumed from {checkpoint} after epoch {start_epoch}")
 
@@ -191,9 +195,9 @@ def train(
             progress.set_postfix(loss=f"{running / seen:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}")
         elapsed = time.perf_counter() - started
         history.append({"epoch": epoch + 1, "loss": running / seen, "elapsed_s": round(elapsed, 1)})
-        log(f"epoch {epoch + 1}/{cfg.epochs}: loss {running / seen:.4f} ({elapsed / 60:.1f} min)")
         _save_checkpoint(checkpoint, model, head, optimizer,
                          {"epoch": epoch + 1, "history": history, "train_config": asdict(cfg)})
+        log(f"epoch {epoch + 1}/{cfg.epochs}: loss {running / seen:.4f} ({elapsed / 60:.1f} min)")
 
     model.eval()
     summary = {

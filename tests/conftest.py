@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import FACES, TinyFaceNet, settle_batchnorm  # noqa: E402
+from helpers import FACES, TinyFaceNet, settle_batchnorm
 
 
 @pytest.fixture(scope="session")

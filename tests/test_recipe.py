@@ -83,7 +83,8 @@ def test_cli_validate_exits_2_and_lists_problems(tmp_path: Path, data_root: Path
 
 
 def test_shipped_recipes_validate() -> None:
-    result = subprocess.run([sys.executable, "-m", "factory", "validate", *map(str, sorted((REPO / "recipes").glob("*.yaml")))],
+    recipes = [str(p) for p in sorted((REPO / "recipes").glob("*.yaml"))]
+    result = subprocess.run([sys.executable, "-m", "factory", "validate", *recipes],
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert "mobilefacenet.yaml: ok" in result.stdout

@@ -23,7 +23,8 @@ def pixels(count: int, seed: int) -> np.ndarray:
 
 def compile_tiny(backbone: torch.nn.Module, fmt: str, precision: str, out: Path):
     target = get_target(fmt)
-    request = CompileRequest(backbone, MEAN, STD, 32, precision, pixels(64, 0), out / f"tiny_{precision}{target.suffix}")
+    output = out / f"tiny_{precision}{target.suffix}"
+    request = CompileRequest(backbone, MEAN, STD, 32, precision, pixels(64, 0), output)
     return target, target.compile(request)
 
 

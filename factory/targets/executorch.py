@@ -38,12 +38,11 @@ class ExecuTorchTarget:
 
     def compile(self, request: CompileRequest) -> CompiledArtifact:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-        from executorch.exir import to_edge_transform_and_lower
-
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
             XNNPACKQuantizer,
             get_symmetric_quantization_config,
         )
+        from executorch.exir import to_edge_transform_and_lower
 
         backbone = request.backbone
         if request.precision == "int8":

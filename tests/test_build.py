@@ -1,0 +1,112 @@
+"""The real `build` CLI end to end on a reduced set of real faces, with the shipped weights."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import REPO
+
+from factory.weights import sha256_of
+
+pytestmark = pytest.mark.data
+
+CONTRACT_ARTIFACT_KEYS = {"file", "format", "precision", "bytes", "sha256", "verified_by", "parity", "gates",
+                          "latency_ms"}
+PARITY_KEYS = {"cosine_mean", "cosine_min", "cosine_p1", "lfw_accuracy", "lfw_accuracy_drop", "flip_rate"}
+
+
+def reduced_recipe(tmp_path: Path, faces_root: Path, **changes) -> Path:
+    """The shipped MobileFaceNet recipe on 200 LFW pairs and 128 calibration faces."""
+    data = yaml.safe_load((REPO / "recipes" / "mobilefacenet.yaml").read_text())
+    data["name"] = "mobilefacenet_reduced"
+    data["weights"]["path"] = str(REPO / "recipes" / data["weights"]["path"])
+    data["data"]["root"] = str(faces_root)
+    data["data"]["calibration"].update(count=128, allow_fewer_than_300=True)
+    data["data"]["evaluation"].update(max_pairs=200, min_parity_images=300)
+    # 200 pairs: one flipped decision moves accuracy by 0.5 pt, so the drop gate is wider here.
+    data["gates"]["int8"]["lfw_accuracy_drop_max"] = 0.03
+    data.pop("train")
+    for key, value in changes.items():
+        data[key] = value
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_build(recipe: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "factory", "build", str(recipe), "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO, timeout=1500)
+
+
+def test_build_writes_six_verified_artifacts_and_a_manifest(tmp_path: Path, faces_root: Path) -> None:
+    out = tmp_path / "build"
+    result = run_build(reduced_recipe(tmp_path, faces_root), out)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for stage in ("[load]", "[torch.export]", "[quantise]", "[lower]", "[serialise]", "[verify]", "[report]"):
+        assert stage in result.stdout
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert report["verdict"] == "pass" and manifest["verdict"] == "pass"
+    assert {"recipe", "verdict", "reference", "peers", "artifacts"} <= report.keys()
+    assert report["evaluation"]["parity_images"] >= 300
+    assert 0.5 < report["reference"]["lfw_accuracy"] <= 1.0
+    assert {(a["format"], a["precision"]) for a in manifest["artifacts"]} == {
+        ("tflite", "fp32"), ("tflite", "int8"), ("executorch", "fp32"), ("executorch", "int8"),
+        ("coreml", "fp16"), ("coreml", "int8")}
+    for entry in manifest["artifacts"]:
+        assert sha256_of(out / entry["file"]) == entry["sha256"]
+        assert entry["io"]["input"]["dtype"].startswith("float32")
+    assert manifest["resolved_recipe"]["model"]["architecture"] == "mobilefacenet"
+    assert manifest["tools"]["executorch"] == "1.5.1"
+
+    for artifact in report["artifacts"]:
+        assert CONTRACT_ARTIFACT_KEYS <= artifact.keys()
+        if artifact["format"] == "coreml":
+            assert artifact["verified_by"] is None and "not verified on this host" in artifact["status"]
+            continue
+        assert PARITY_KEYS <= artifact["parity"].keys()
+        assert artifact["gates"] and all(g["passed"] for g in artifact["gates"])
+        assert {"name", "value", "threshold", "passed"} <= artifact["gates"][0].keys()
+        floor = 0.9999 if artifact["precision"] == "fp32" else 0.99
+        assert artifact["parity"]["cosine_mean"] >= floor
+        assert artifact["latency_ms"]["1_thread"]["runs"] >= 50
+        if artifact["format"] == "executorch":
+            assert artifact["details"]["delegated"] is True
+    assert set(report["peers"]) == {"pytorch_eager_fp32", "onnxruntime_fp32"}
+    assert (out / "report.md").read_text().count("| `mobilefacenet_reduced_") >= 12
+
+
+def test_a_failed_gate_exits_1_and_still_reports_which_and_by_how_much(tmp_path: Path, faces_root: Path) -> None:
+    recipe = reduced_recipe(
+        tmp_path, faces_root,
+        targets=[{"format": "tflite", "precisions": ["int8"]}],
+        gates={"int8": {"cosine_mean_min": 0.99999}},
+    )
+    out = tmp_path / "build"
+    result = run_build(recipe, out)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "GATE FAILED mobilefacenet_reduced_int8.tflite: cosine_mean" in result.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["verdict"] == "fail"
+    (gate,) = report["artifacts"][0]["gates"]
+    assert not gate["passed"] and gate["value"] < 0.99999 and gate["margin"] < 0
+    assert "**FAIL**" in (out / "report.md").read_text()
+
+
+def test_corrupt_weights_fail_cleanly_with_nothing_written(tmp_path: Path, faces_root: Path) -> None:
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    data = yaml.safe_load(reduced_recipe(tmp_path, faces_root).read_text())
+    data["weights"]["path"] = str(bad)
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    out = tmp_path / "build"
+    result = run_build(recipe, out)
+    assert result.returncode == 2
+    assert f"weights file {bad} is not a valid safetensors file" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.tflite"))

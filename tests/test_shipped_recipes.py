@@ -1,0 +1,33 @@
+"""Every shipped recipe built in full, compared with its committed report (golden numbers)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.data]
+
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_full_build_passes_its_gates_and_reproduces_the_committed_report(recipe: Path, tmp_path: Path,
+                                                                         faces_root: Path) -> None:
+    committed = json.loads((REPO / "reports" / recipe.stem / "report.json").read_text())
+    out = tmp_path / recipe.stem
+    result = subprocess.run([sys.executable, "-m", "factory", "build", str(recipe), "--out", str(out)],
+                            capture_output=True, text=True, cwd=REPO, timeout=3000)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["verdict"] == "pass"
+    assert report["evaluation"]["pairs"] == 6000 and report["evaluation"]["parity_images"] >= 1000
+    # The fp32 reference is deterministic: its LFW accuracy must match the committed model card.
+    assert report["reference"]["lfw_accuracy"] == pytest.approx(committed["reference"]["lfw_accuracy"], abs=0.002)
+    built = {(a["format"], a["precision"]): a for a in report["artifacts"]}
+    for artifact in committed["artifacts"]:
+        now = built[(artifact["format"], artifact["precision"])]
+        if artifact["parity"] is not None:
+            assert now["parity"]["cosine_mean"] == pytest.approx(artifact["parity"]["cosine_mean"], abs=0.002)

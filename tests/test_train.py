@@ -1,0 +1,62 @@
+"""Training on a tiny synthetic set: resumable, deterministic, safetensors only."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import recipe_dict, synthetic_dataset
+
+from factory.errors import FactoryError
+from factory.models import create_model
+from factory.recipe import load_recipe
+from factory.train import train
+from factory.weights import load_weights
+
+
+class Interrupt(Exception):
+    pass
+
+
+def make_recipe(tmp_path: Path, epochs: int, weights: str):
+    data = recipe_dict(synthetic_dataset(tmp_path / "faces"), weights=weights)
+    data["train"].update(epochs=epochs, batch_size=8, learning_rate=0.01)
+    path = tmp_path / f"{weights}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_recipe(path)
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    straight = make_recipe(tmp_path, epochs=2, weights="straight.safetensors")
+    summary = train(straight, straight.resolve("straight.safetensors"), device="cpu", log=lambda _: None)
+    assert len(summary["history"]) == 2
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in summary["history"])
+
+    resumed = make_recipe(tmp_path, epochs=2, weights="resumed.safetensors")
+    output = resumed.resolve("resumed.safetensors")
+
+    def stop_after_first_epoch(line: str) -> None:
+        if line.startswith("epoch 1/2"):
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(resumed, output, device="cpu", log=stop_after_first_epoch)
+    assert not output.exists(), "no final weights before training finished"
+    lines: list[str] = []
+    train(resumed, output, device="cpu", log=lines.append)
+    assert any(line.startswith("resumed from") for line in lines)
+
+    a = load_weights(create_model("mobilefacenet"), straight.resolve("straight.safetensors"))
+    b = load_weights(create_model("mobilefacenet"), output)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.allclose(x.float(), y.float(), atol=1e-5), name
+
+
+def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path: Path) -> None:
+    recipe = make_recipe(tmp_path, epochs=1, weights="w.safetensors")
+    output = recipe.resolve("w.safetensors")
+    train(recipe, output, device="cpu", log=lambda _: None)
+    recipe.train.learning_rate = 0.5
+    with pytest.raises(FactoryError, match="other training settings"):
+        train(recipe, output, device="cpu", log=lambda _: None)
