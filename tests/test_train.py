@@ -60,3 +60,22 @@ def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path: Path) -> None
     recipe.train.learning_rate = 0.5
     with pytest.raises(FactoryError, match="other training settings"):
         train(recipe, output, device="cpu", log=lambda _: None)
+
+
+def test_train_cli_writes_weights_log_and_evaluation(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    recipe = make_recipe(tmp_path, epochs=1, weights="cli.safetensors")
+    result = subprocess.run([sys.executable, "-m", "factory", "train", str(recipe.path), "--device", "cpu",
+                             "--threads", "1"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "weights written to" in result.stdout
+    summary = json.loads(recipe.resolve("cli.train.json").read_text())
+    assert summary["images"] == 24 and summary["identities"] == 4
+    assert summary["evaluation"]["pairs"] == 12
+    assert 0.0 <= summary["evaluation"]["lfw_accuracy"] <= 1.0
+    load_weights(create_model("mobilefacenet"), recipe.resolve("cli.safetensors"))

@@ -1,0 +1,41 @@
+"""The device lab reads a build folder through its manifest and refuses a half or tampered build."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from factory.weights import sha256_of
+from mobile_harness.manifest import BuildFolderError, load_manifest, main
+
+
+def make_build(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "m_fp32.tflite").write_bytes(b"model bytes")
+    bundle = folder / "m_fp16.mlpackage"
+    (bundle / "Data").mkdir(parents=True)
+    (bundle / "Data" / "weights.bin").write_bytes(b"weights")
+    artifacts = [
+        {"file": p.name, "format": fmt, "precision": prec, "bytes": 1, "sha256": sha256_of(p)}
+        for p, fmt, prec in ((folder / "m_fp32.tflite", "tflite", "fp32"), (bundle, "coreml", "fp16"))
+    ]
+    (folder / "manifest.json").write_text(json.dumps({"artifacts": artifacts}))
+    return folder
+
+
+def test_manifest_checksums_agree_between_factory_and_harness(tmp_path: Path, capsys) -> None:
+    build = make_build(tmp_path / "build")
+    assert len(load_manifest(build)["artifacts"]) == 2
+    assert main([str(build)]) == 0
+    assert "m_fp32.tflite: tflite fp32" in capsys.readouterr().out
+
+
+def test_half_written_or_tampered_builds_are_refused(tmp_path: Path) -> None:
+    build = make_build(tmp_path / "build")
+    (build / "m_fp16.mlpackage" / "Data" / "weights.bin").write_bytes(b"tampered")
+    with pytest.raises(BuildFolderError, match="does not match its sha256"):
+        load_manifest(build)
+    (build / "manifest.json").unlink()
+    with pytest.raises(BuildFolderError, match=r"no manifest\.json"):
+        load_manifest(build)
+    assert main([str(build)]) == 2
