@@ -29,14 +29,13 @@ from factory.metrics import cosine_summary, flip_rate
 from factory.models import create_model, model_entry
 from factory.peers import onnx_runtime_call, onnx_workdir, torch_eager_call
 from factory.profile import count_macs, count_parameters
-from factory.recipe import GateConfig, Recipe, data_path
+from factory.recipe import MIN_CALIBRATION_FACES, GateConfig, Recipe, data_path
 from factory.report import write_reports
 from factory.stages import Stage, StageLog
 from factory.targets import CompiledArtifact, CompileRequest, Target, get_target
 from factory.weights import load_weights, sha256_of
 
 TOOL_PACKAGES = ("torch", "executorch", "litert-torch", "ai-edge-litert", "coremltools", "onnxruntime", "numpy")
-MIN_CALIBRATION_FACES = 300
 
 
 @dataclass
@@ -80,12 +79,10 @@ def load_calibration(recipe: Recipe, excluded: set[Path]) -> tuple[np.ndarray, l
             f"{len(overlap)} calibration image(s) are also evaluation images (e.g. {sorted(overlap)[0]}); "
             "calibrate on a split that shares no image with data.evaluation"
         )
-    if len(paths) < min(cfg.count, MIN_CALIBRATION_FACES) or (
-        len(paths) < MIN_CALIBRATION_FACES and not cfg.allow_fewer_than_300
-    ):
+    if len(paths) < cfg.count:
         raise FactoryError(
-            f"only {len(paths)} calibration faces in {cfg.split}; int8 calibration needs at least "
-            f"{MIN_CALIBRATION_FACES} real faces (data.calibration.count)"
+            f"data.calibration.split {cfg.split} lists {len(paths)} faces but data.calibration.count asks for "
+            f"{cfg.count}; use a larger split or a smaller count (int8 needs at least {MIN_CALIBRATION_FACES})"
         )
     pixels = load_images(paths, recipe.model.input.size)
     if recipe.model.input.color_order == "BGR":
@@ -247,6 +244,7 @@ def build(recipe: Recipe, out_dir: Path | None = None, printer: Any = print) -> 
             "lfw_accuracy_std": ref_verification["accuracy_std"],
             "threshold": ref_verification["threshold"],
         },
+        "latency_settings": {"batch": 1, "warmup": recipe.latency.warmup, "runs": recipe.latency.runs},
         "peers": peers,
         "artifacts": artifacts,
         "stages": log.records,

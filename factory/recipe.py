@@ -21,6 +21,9 @@ from factory.errors import FactoryError
 Format = Literal["tflite", "executorch", "coreml"]
 Precision = Literal["fp32", "fp16", "int8"]
 
+# int8 activation ranges from fewer real faces are unstable; recipes must opt in to go below this.
+MIN_CALIBRATION_FACES = 300
+
 # Which precisions each target can produce (the target modules register the same pairs).
 SUPPORTED_PRECISIONS: dict[str, tuple[str, ...]] = {
     "tflite": ("fp32", "int8"),
@@ -290,9 +293,10 @@ def _check_rules(recipe: Recipe, problems: list[str]) -> None:
         if not target.precisions:
             problems.append(f"targets[{index}].precisions: list at least one precision")
     calibration = recipe.data.calibration
-    if calibration.count < 300 and not calibration.allow_fewer_than_300:
-        problems.append(f"data.calibration.count: {calibration.count} is fewer than 300 real faces; int8 needs at "
-                        "least 300 for stable ranges (set allow_fewer_than_300: true only for tests)")
+    if calibration.count < MIN_CALIBRATION_FACES and not calibration.allow_fewer_than_300:
+        problems.append(f"data.calibration.count: {calibration.count} is fewer than {MIN_CALIBRATION_FACES} real "
+                        "faces; int8 needs at least that many for stable ranges (set allow_fewer_than_300: true "
+                        "only for tests)")
     evaluation = recipe.data.evaluation
     if evaluation.min_parity_images < 1:
         problems.append("data.evaluation.min_parity_images: must be at least 1")

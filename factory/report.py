@@ -94,9 +94,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Host latency per face (batch 1, ms: median / p90)",
         "",
-        f"{report['artifacts'][0]['latency_ms'] and next(iter(report['artifacts'][0]['latency_ms'].values()))['runs']}"
-        " timed runs after warm-up, each artifact in its own runtime on this host; peers are the same fp32 "
-        "model in PyTorch eager and ONNX Runtime. Phones are measured by `mobile_harness`.",
+        f"{report['latency_settings']['runs']} timed runs after {report['latency_settings']['warmup']} warm-up runs, "
+        "each artifact in its own runtime on this host; peers are the same fp32 deployed graph in PyTorch eager "
+        "and ONNX Runtime. Phones are measured by `mobile_harness`.",
         "",
         "| runtime | " + " | ".join(k.replace("_", " ") for k in thread_keys) + " |",
         "|---|" + "---|" * len(thread_keys),
