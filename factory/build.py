@@ -126,6 +126,8 @@ def _parity(
         "flip_rate": rate,
         "flips": flips,
         "threshold": verification["threshold"],
+        "tar_at_far_1e-03": verification["tar_at_far_1e-03"],
+        "tar_at_far_1e-04": verification["tar_at_far_1e-04"],
     }
 
 
@@ -243,6 +245,8 @@ def build(recipe: Recipe, out_dir: Path | None = None, printer: Any = print) -> 
             "lfw_accuracy": ref_verification["accuracy"],
             "lfw_accuracy_std": ref_verification["accuracy_std"],
             "threshold": ref_verification["threshold"],
+            "tar_at_far_1e-03": ref_verification["tar_at_far_1e-03"],
+            "tar_at_far_1e-04": ref_verification["tar_at_far_1e-04"],
         },
         "latency_settings": {"batch": 1, "warmup": recipe.latency.warmup, "runs": recipe.latency.runs},
         "peers": peers,

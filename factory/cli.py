@@ -50,9 +50,8 @@ def _list(_args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import torch
 
-    from factory.build import load_evaluation_set
     from factory.deploy import Embedder
-    from factory.evaluation import torch_embeddings
+    from factory.evaluation import load_evaluation_set, torch_embeddings
     from factory.recipe import load_recipe
     from factory.train import train
 
@@ -84,6 +83,27 @@ def _build(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from factory.evaluation import evaluate
+    from factory.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, data_root=args.data_root)
+    if args.pairs:
+        recipe.data.evaluation.pairs = str(Path(args.pairs).resolve())
+        recipe.data.evaluation.images = str(Path(args.images or Path(args.pairs).parent).resolve())
+        recipe.data.evaluation.min_parity_images = 1
+    result = evaluate(recipe, Path(args.artifact) if args.artifact else None, flip=args.flip)
+    tar = result["tar_at_far_1e-03"]
+    print(f"{result['subject']}: accuracy {100 * result['accuracy']:.2f}% ± {100 * result['accuracy_std']:.2f} "
+          f"on {result['pairs']} pairs (10-fold); TAR@FAR=1e-3 "
+          f"{'n/a' if tar is None else f'{100 * tar:.2f}%'}; threshold {result['threshold']:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m factory", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +122,16 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int, help="CPU threads for training")
     train.add_argument("--data-root", help="use this face folder instead of data.root")
     train.set_defaults(handler=_train)
+
+    evaluation = commands.add_parser("eval", help="verification accuracy of the model or of a built artifact")
+    evaluation.add_argument("recipe")
+    evaluation.add_argument("--artifact", help="a built .tflite / .pte / .mlpackage (default: the PyTorch model)")
+    evaluation.add_argument("--pairs", help="another pair list: LFW pairs.txt, 'path_a path_b same' lines, or .bin")
+    evaluation.add_argument("--images", help="image root of --pairs (default: its folder)")
+    evaluation.add_argument("--flip", action="store_true", help="flip test: add the mirrored image's embedding")
+    evaluation.add_argument("--json", help="also write the result as JSON here")
+    evaluation.add_argument("--data-root", help="use this face folder instead of data.root")
+    evaluation.set_defaults(handler=_eval)
 
     build = commands.add_parser("build", help="compile, verify and report all targets of a recipe")
     build.add_argument("recipe")

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from factory.data import Pair, load_images, read_lfw_pairs, unique_pair_images
+from factory.benchmarks import FOLDS, decode_images, read_insightface_bin, read_pairs
+from factory.data import Pair, load_images, unique_pair_images
 from factory.deploy import Embedder
 from factory.errors import FactoryError
-from factory.metrics import best_threshold, k_fold_accuracy, pair_similarities
+from factory.metrics import best_threshold, k_fold_accuracy, pair_similarities, tar_at_far
 from factory.recipe import Recipe, data_path
 
 
@@ -33,12 +35,17 @@ class EvaluationSet:
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2) if layout == "NCHW" else x)
 
     def verification(self, embeddings: np.ndarray) -> dict[str, object]:
-        """10-fold accuracy, best single threshold, and the pair similarities of `embeddings`."""
+        """10-fold accuracy, TAR at FAR 1e-3 / 1e-4, best threshold, and the pair similarities.
+
+        TAR values are None where the pair list has too few impostor pairs to reach that FAR.
+        """
         similarities = pair_similarities(embeddings, self.index_a, self.index_b)
         folds = k_fold_accuracy(similarities, self.same, self.folds)
         threshold, _ = best_threshold(similarities, self.same)
+        tars = {f"tar_at_far_{far:.0e}": tar_at_far(similarities, self.same, far) for far in (1e-3, 1e-4)}
         return {"similarities": similarities, "accuracy": folds["accuracy"],
-                "accuracy_std": folds["accuracy_std"], "threshold": threshold}
+                "accuracy_std": folds["accuracy_std"], "threshold": threshold,
+                **{key: None if np.isnan(value) else value for key, value in tars.items()}}
 
 
 def subsample_pairs(pairs: list[Pair], max_pairs: int) -> list[Pair]:
@@ -55,7 +62,16 @@ def subsample_pairs(pairs: list[Pair], max_pairs: int) -> list[Pair]:
 def load_evaluation_set(recipe: Recipe) -> EvaluationSet:
     """Read the recipe's pairs and every image they use; refuse too small a parity set."""
     cfg = recipe.data.evaluation
-    pairs = read_lfw_pairs(data_path(recipe, cfg.pairs), data_path(recipe, cfg.images))
+    pairs_path = data_path(recipe, cfg.pairs)
+    encoded: dict[Path, bytes] = {}
+    if pairs_path.suffix == ".bin":
+        images, flags = read_insightface_bin(pairs_path)
+        encoded = {pairs_path.with_name(f"{pairs_path.name}#{i}"): blob for i, blob in enumerate(images)}
+        keys = list(encoded)
+        pairs = [Pair(keys[2 * i], keys[2 * i + 1], bool(flag), i * FOLDS // len(flags))
+                 for i, flag in enumerate(flags)]
+    else:
+        pairs = read_pairs(pairs_path, data_path(recipe, cfg.images))
     if cfg.max_pairs is not None:
         pairs = subsample_pairs(pairs, cfg.max_pairs)
     paths = unique_pair_images(pairs)
@@ -65,7 +81,8 @@ def load_evaluation_set(recipe: Recipe) -> EvaluationSet:
             f"({cfg.min_parity_images}); use more pairs (max_pairs) or lower the minimum"
         )
     position = {path: i for i, path in enumerate(paths)}
-    pixels = load_images(paths, recipe.model.input.size)
+    size = recipe.model.input.size
+    pixels = decode_images([encoded[p] for p in paths], size, pairs_path) if encoded else load_images(paths, size)
     if recipe.model.input.color_order == "BGR":
         pixels = np.ascontiguousarray(pixels[..., ::-1])
     return EvaluationSet(
@@ -79,6 +96,12 @@ def load_evaluation_set(recipe: Recipe) -> EvaluationSet:
     )
 
 
+def flip_test(embed: Callable[[np.ndarray], np.ndarray], pixels: np.ndarray, layout: str) -> np.ndarray:
+    """Flip-test embeddings: embedding of each image plus that of its mirror image."""
+    width_axis = 3 if layout == "NCHW" else 2
+    return embed(pixels) + embed(np.ascontiguousarray(np.flip(pixels, axis=width_axis)))
+
+
 def torch_embeddings(model: Embedder, pixels_nchw: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Embeddings of the PyTorch deployed graph, in batches."""
     outputs = []
@@ -86,3 +109,37 @@ def torch_embeddings(model: Embedder, pixels_nchw: np.ndarray, batch_size: int =
         for start in range(0, len(pixels_nchw), batch_size):
             outputs.append(model(torch.from_numpy(pixels_nchw[start : start + batch_size])).numpy())
     return np.concatenate(outputs)
+
+
+def evaluate(recipe: Recipe, artifact: Path | None = None, flip: bool = False) -> dict[str, object]:
+    """Verification metrics of the recipe's PyTorch model, or of a built artifact, on the recipe's pairs.
+
+    The same code computes the build report's numbers, so results are comparable across formats.
+    """
+    from factory.build import load_backbone
+    from factory.targets import target_for_path
+
+    evaluation = load_evaluation_set(recipe)
+    spec = recipe.model.input
+    if artifact is None:
+        model = Embedder(load_backbone(recipe), spec.mean, spec.std, recipe.model.embedding_size).eval()
+        layout, subject = "NCHW", f"PyTorch fp32 ({recipe.weights.path})"
+
+        def embed(pixels: np.ndarray) -> np.ndarray:
+            return torch_embeddings(model, pixels)
+    else:
+        if not artifact.exists():
+            raise FactoryError(f"artifact not found: {artifact} — build it with `python -m factory build RECIPE`")
+        target = target_for_path(artifact)
+        runner = target.load_runner(artifact)
+        if runner is None:
+            raise FactoryError(f"{artifact}: {target.host_support()}")
+        layout = "NHWC" if target.format == "tflite" else "NCHW"
+        subject = f"{artifact.name} in {target.runtime_name}"
+        embed = runner
+    pixels = evaluation.pixels(layout)
+    embeddings = flip_test(embed, pixels, layout) if flip else embed(pixels)
+    result = evaluation.verification(embeddings)
+    result.pop("similarities")
+    return {"subject": subject, "pairs": len(evaluation.pairs), "images": len(evaluation.paths), "flip_test": flip,
+            **result}

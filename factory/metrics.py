@@ -78,3 +78,19 @@ def flip_rate(reference: np.ndarray, candidate: np.ndarray, threshold: float) ->
     """Fraction and number of pairs whose same/different decision differs at `threshold`."""
     flips = int(np.sum((reference > threshold) != (candidate > threshold)))
     return flips / len(reference), flips
+
+
+def tar_at_far(similarities: np.ndarray, same: np.ndarray, far: float) -> float:
+    """True-accept rate at the threshold where at most `far` of different-identity pairs are accepted.
+
+    The threshold is the similarity of the k-th highest impostor pair with k = floor(far * impostors);
+    a pair is accepted when its similarity is strictly above it. With fewer impostor pairs than 1/far
+    the operating point is not reachable and the result is NaN, not a guess.
+    """
+    impostors = np.sort(similarities[~same.astype(bool)])[::-1]
+    genuine = similarities[same.astype(bool)]
+    allowed = int(np.floor(far * len(impostors)))
+    if len(impostors) == 0 or len(genuine) == 0 or far * len(impostors) < 1:
+        return float("nan")
+    threshold = impostors[allowed] if allowed < len(impostors) else -np.inf
+    return float(np.mean(genuine > threshold))

@@ -321,8 +321,9 @@ def _check_rules(recipe: Recipe, problems: list[str]) -> None:
         ("data.root", recipe.data.root, "dir"),
         ("data.calibration.split", str(Path(recipe.data.root) / calibration.split), "file"),
         ("data.evaluation.pairs", str(Path(recipe.data.root) / recipe.data.evaluation.pairs), "file"),
-        ("data.evaluation.images", str(Path(recipe.data.root) / recipe.data.evaluation.images), "dir"),
     ]
+    if not evaluation.pairs.endswith(".bin"):  # an insightface .bin file carries its own images
+        checks.append(("data.evaluation.images", str(Path(recipe.data.root) / evaluation.images), "dir"))
     if recipe.train is not None:
         checks.append(("train.split", str(Path(recipe.data.root) / recipe.train.split), "file"))
     for key, relative, kind in checks:

@@ -73,22 +73,25 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"faces. Verification protocol: {ev['protocol']}.",
         "",
         f"Reference ({ref['framework']}): LFW accuracy **{_pct(ref['lfw_accuracy'])}** ± "
-        f"{_pct(ref['lfw_accuracy_std'])}.",
+        f"{_pct(ref['lfw_accuracy_std'])}; TAR@FAR=1e-3 {_pct(ref['tar_at_far_1e-03'])} "
+        "(FAR 1e-4 needs at least 10,000 impostor pairs and is shown only where measurable).",
         "",
-        "| artifact | size | verified by | cosine mean / min / p1 | LFW acc. | drop | flips | own threshold | gates |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| artifact | size | verified by | cosine mean / min / p1 | LFW acc. | drop | TAR@FAR=1e-3 | flips "
+        "| own threshold | gates |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for a in artifacts:
         p = a["parity"]
         size = f"{a['bytes'] / 1e6:.2f} MB"
         if p is None:
-            lines.append(f"| `{a['file']}` | {size} | — | {a['status']} | — | — | — | — | — |")
+            lines.append(f"| `{a['file']}` | {size} | — | {a['status']} | — | — | — | — | — | — |")
             continue
         gates = ", ".join(("pass" if g["passed"] else "**FAIL**") + f" {g['name']}" for g in a["gates"]) or "none"
         lines.append(
             f"| `{a['file']}` | {size} | {a['verified_by']} | {_fmt(p['cosine_mean'], 5)} / {_fmt(p['cosine_min'], 5)}"
             f" / {_fmt(p['cosine_p1'], 5)} | {_pct(p['lfw_accuracy'])} | {100 * p['lfw_accuracy_drop']:+.2f} pt | "
-            f"{p['flips']} ({_pct(p['flip_rate'])}) | {_fmt(p['threshold'])} | {gates} |"
+            f"{_pct(p['tar_at_far_1e-03'])} | {p['flips']} ({_pct(p['flip_rate'])}) | {_fmt(p['threshold'])} | "
+            f"{gates} |"
         )
     lines += [
         "",

@@ -8,6 +8,7 @@ from factory.metrics import (
     flip_rate,
     k_fold_accuracy,
     pair_similarities,
+    tar_at_far,
 )
 
 
@@ -56,3 +57,17 @@ def test_pair_similarities_are_cosines() -> None:
     emb = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
     sims = pair_similarities(emb, np.array([0, 0]), np.array([1, 2]))
     assert sims == pytest.approx([0.0, np.sqrt(0.5)])
+
+
+def test_tar_at_far_on_a_hand_computed_example() -> None:
+    # 1000 impostor pairs at 0.000..0.999 and 4 genuine pairs.
+    impostors = np.arange(1000) / 1000.0
+    genuine = np.array([0.9985, 0.9995, 0.5, 1.2])
+    sims = np.concatenate([impostors, genuine])
+    same = np.concatenate([np.zeros(1000, bool), np.ones(4, bool)])
+    # FAR 1e-3 allows 1 impostor above the threshold: threshold = 0.998 (the 2nd highest impostor).
+    assert tar_at_far(sims, same, 1e-3) == pytest.approx(3 / 4)
+    # FAR 2e-3 allows 2: threshold = 0.997.
+    assert tar_at_far(sims, same, 2e-3) == pytest.approx(3 / 4)
+    # FAR 1e-4 needs at least 10,000 impostor pairs to be measurable.
+    assert np.isnan(tar_at_far(sims, same, 1e-4))

@@ -8,6 +8,7 @@ from factory.targets.base import (
     Target,
     get_target,
     register_target,
+    target_for_path,
     target_names,
 )
 
@@ -18,5 +19,6 @@ __all__ = [
     "Target",
     "get_target",
     "register_target",
+    "target_for_path",
     "target_names",
 ]

@@ -139,6 +139,15 @@ def get_target(name: str) -> Target:
         raise FactoryError(f"unknown target format {name!r}; registered: {', '.join(target_names())}") from None
 
 
+def target_for_path(path: Path) -> Target:
+    """The target whose artifacts end like `path` (.tflite, .pte, .mlpackage)."""
+    for target in _TARGETS.values():
+        if path.name.endswith(target.suffix):
+            return target
+    suffixes = ", ".join(t.suffix for t in _TARGETS.values())
+    raise FactoryError(f"{path}: not a known artifact type; expected one of {suffixes}")
+
+
 def batched(runner_one: Callable[[np.ndarray], np.ndarray]) -> Runner:
     """Turn a batch-1 runner into one that takes a batch (mobile artifacts have batch 1)."""
 

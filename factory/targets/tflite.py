@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from factory.io import atomic_path
+from factory.latency import all_threads
 from factory.stages import Stage
 from factory.targets.base import CompiledArtifact, CompileRequest, Runner, batched, register_target
 
@@ -73,7 +74,7 @@ class TFLiteTarget:
     def load_runner(self, path: Path, threads: int | None = None) -> Runner:
         from ai_edge_litert.interpreter import Interpreter
 
-        interpreter = Interpreter(model_path=str(path), num_threads=threads or -1)
+        interpreter = Interpreter(model_path=str(path), num_threads=threads or all_threads())
         interpreter.allocate_tensors()
         input_index = interpreter.get_input_details()[0]["index"]
         output_index = interpreter.get_output_details()[0]["index"]
