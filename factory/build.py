@@ -25,9 +25,10 @@ from factory.errors import FactoryError
 from factory.evaluation import EvaluationSet, load_evaluation_set, torch_embeddings
 from factory.io import write_text_atomic
 from factory.latency import all_threads, time_calls
-from factory.metrics import cosine_summary, flip_rate
+from factory.metrics import cosine_rows, cosine_summary, flip_rate
 from factory.models import create_model, model_entry
 from factory.peers import onnx_runtime_call, onnx_workdir, torch_eager_call
+from factory.plots import plot_cosine_histograms, plot_roc
 from factory.profile import count_macs, count_parameters
 from factory.recipe import MIN_CALIBRATION_FACES, GateConfig, Recipe, data_path
 from factory.report import write_reports
@@ -114,7 +115,8 @@ def evaluate_gates(gate: GateConfig | None, parity: dict[str, float]) -> list[di
 
 def _parity(
     embeddings: np.ndarray, reference: np.ndarray, evaluation: EvaluationSet, ref_verification: dict[str, Any]
-) -> dict[str, float]:
+) -> tuple[dict[str, float], np.ndarray]:
+    """Parity metrics of an artifact's embeddings, and its pair similarities."""
     verification = evaluation.verification(embeddings)
     rate, flips = flip_rate(ref_verification["similarities"], verification["similarities"],
                             ref_verification["threshold"])
@@ -128,7 +130,7 @@ def _parity(
         "threshold": verification["threshold"],
         "tar_at_far_1e-03": verification["tar_at_far_1e-03"],
         "tar_at_far_1e-04": verification["tar_at_far_1e-04"],
-    }
+    }, verification["similarities"]
 
 
 def _latency_rows(make_call: Any, warmup: int, runs: int) -> dict[str, dict[str, float]]:
@@ -172,6 +174,8 @@ def build(recipe: Recipe, out_dir: Path | None = None, printer: Any = print) -> 
             compiled.append(target.compile(request))
 
     artifacts = []
+    curves = {"PyTorch fp32 reference": (ref_verification["similarities"], evaluation.same)}
+    cosines: dict[str, np.ndarray] = {}
     example_nchw = evaluation.pixels("NCHW")[:1]
     for artifact in compiled:
         target = get_target(artifact.format)
@@ -191,7 +195,9 @@ def build(recipe: Recipe, out_dir: Path | None = None, printer: Any = print) -> 
         with log.stage(Stage.VERIFY, f"{artifact.path.name} on {len(evaluation.paths)} faces"):
             runner = target.load_runner(artifact.path, all_threads())
             embeddings = runner(evaluation.pixels(artifact.input_layout))
-            parity = _parity(embeddings, reference, evaluation, ref_verification)
+            parity, similarities = _parity(embeddings, reference, evaluation, ref_verification)
+            curves[artifact.path.name] = (similarities, evaluation.same)
+            cosines[artifact.path.name] = cosine_rows(embeddings, reference)
             gate = recipe.gates.get(artifact.precision)
             entry.update(verified_by=target.runtime_name, status="verified", parity=parity,
                          gates=evaluate_gates(gate, parity))
@@ -254,7 +260,10 @@ def build(recipe: Recipe, out_dir: Path | None = None, printer: Any = print) -> 
         "stages": log.records,
     }
     with log.stage(Stage.REPORT, str(out)):
-        write_reports(out, report)
+        title = f"{recipe.name}: {len(evaluation.pairs)} pairs, {len(evaluation.paths)} held-out faces"
+        plot_roc(curves, out / "roc.png", f"ROC, {title}")
+        plot_cosine_histograms(cosines, out / "cosine_histogram.png", f"Parity with the fp32 reference, {title}")
+        write_reports(out, report, figures={"ROC curves": "roc.png", "Cosine histograms": "cosine_histogram.png"})
         manifest = _manifest(recipe, report, compiled)
         write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return BuildResult(out, report, log.records)

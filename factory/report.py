@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ def _latency_cell(rows: dict[str, dict[str, float]] | None, key: str) -> str:
     return f"{rows[key]['median_ms']:.2f} / {rows[key]['p90_ms']:.2f}"
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def render_markdown(report: dict[str, Any], figures: dict[str, str] | None = None) -> str:
     """The human-readable model card of a build."""
     model, ref, ev = report["model"], report["reference"], report["evaluation"]
     artifacts = report["artifacts"]
@@ -93,6 +94,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{_pct(p['tar_at_far_1e-03'])} | {p['flips']} ({_pct(p['flip_rate'])}) | {_fmt(p['threshold'])} | "
             f"{gates} |"
         )
+    for caption, file in (figures or {}).items():
+        lines += ["", f"![{caption}]({file})"]
     lines += [
         "",
         "## Host latency per face (batch 1, ms: median / p90)",
@@ -117,7 +120,24 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_reports(out: Path, report: dict[str, Any]) -> None:
-    """Write report.json and report.md atomically."""
+def render_html(markdown_text: str, out: Path, figures: dict[str, str]) -> str:
+    """A self-contained HTML page of the model card, figures embedded as data URIs."""
+    import markdown
+
+    body = markdown.markdown(markdown_text, extensions=["tables"])
+    for file in figures.values():
+        encoded = base64.b64encode((out / file).read_bytes()).decode()
+        body = body.replace(f'src="{file}"', f'src="data:image/png;base64,{encoded}"')
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
+             "img{max-width:100%}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>{body}</body></html>\n"
+
+
+def write_reports(out: Path, report: dict[str, Any], figures: dict[str, str] | None = None) -> None:
+    """Write report.json, report.md and report.html (figures already in `out`) atomically."""
+    figures = figures or {}
+    text = render_markdown(report, figures)
     write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
-    write_text_atomic(out / "report.md", render_markdown(report))
+    write_text_atomic(out / "report.md", text)
+    write_text_atomic(out / "report.html", render_html(text, out, figures))

@@ -78,6 +78,9 @@ def test_build_writes_six_verified_artifacts_and_a_manifest(tmp_path: Path, face
             assert artifact["details"]["delegated"] is True
     assert set(report["peers"]) == {"pytorch_eager_fp32", "onnxruntime_fp32"}
     assert (out / "report.md").read_text().count("| `mobilefacenet_reduced_") >= 12
+    assert (out / "roc.png").stat().st_size > 10_000 and (out / "cosine_histogram.png").stat().st_size > 10_000
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and "<table>" in html
 
 
 def test_a_failed_gate_exits_1_and_still_reports_which_and_by_how_much(tmp_path: Path, faces_root: Path) -> None:
@@ -95,6 +98,7 @@ def test_a_failed_gate_exits_1_and_still_reports_which_and_by_how_much(tmp_path:
     (gate,) = report["artifacts"][0]["gates"]
     assert not gate["passed"] and gate["value"] < 0.99999 and gate["margin"] < 0
     assert "**FAIL**" in (out / "report.md").read_text()
+    assert (out / "manifest.json").is_file(), "a gate failure still describes the artifacts it built"
 
 
 def test_corrupt_weights_fail_cleanly_with_nothing_written(tmp_path: Path, faces_root: Path) -> None:
