@@ -32,7 +32,7 @@ from factory.plots import plot_cosine_histograms, plot_roc
 from factory.profile import count_macs, count_parameters
 from factory.recipe import MIN_CALIBRATION_FACES, GateConfig, Recipe, data_path
 from factory.report import write_reports
-from factory.stages import Stage, StageLog
+from factory.stages import Stage, StageLog, console_printer, output_to
 from factory.targets import CompiledArtifact, CompileRequest, Target, get_target
 from factory.weights import load_weights, sha256_of
 
@@ -140,13 +140,23 @@ def _latency_rows(make_call: Any, warmup: int, runs: int) -> dict[str, dict[str,
     return rows
 
 
-def build(recipe: Recipe, out_dir: Path | None = None, printer: Any = print) -> BuildResult:
-    """Run the whole pipeline for `recipe`; see the module docstring for the stages."""
+def build(recipe: Recipe, out_dir: Path | None = None, printer: Callable[[str], None] | None = None) -> BuildResult:
+    """Run the whole pipeline for `recipe`; see the module docstring for the stages.
+
+    Tool output goes to `<out>/build.log`; stage lines go to `printer` (default: the console).
+    """
     out = (out_dir or Path("reports") / recipe.name).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)
+    log_path = out / "build.log"
+    log_path.unlink(missing_ok=True)
+    printer = printer or console_printer()
+    with output_to(log_path):
+        return _build(recipe, out, StageLog(printer, log_path), printer)
+
+
+def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], None]) -> BuildResult:
     manifest_path = out / "manifest.json"
-    manifest_path.unlink(missing_ok=True)
-    log = StageLog(printer)
     spec = recipe.model.input
 
     with log.stage(Stage.LOAD, f"{recipe.model.architecture} weights, evaluation pairs, calibration faces"):
