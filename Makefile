@@ -9,6 +9,8 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	# MTCNN's pretrained weights: read from this wheel's files, never installed or imported.
+	$(VENV)/bin/pip download --quiet --disable-pip-version-check --no-deps --dest .cache facenet-pytorch==2.6.0
 	touch $@
 
 build: $(VENV)/.installed

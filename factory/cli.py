@@ -104,6 +104,22 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_prepare(args: argparse.Namespace) -> int:
+    from factory.align.prepare import prepare
+
+    reference = Path(args.reference_landmarks) if args.reference_landmarks else None
+    summary = prepare(Path(args.source), Path(args.destination), select=args.select, size=args.size,
+                      reference_landmarks=reference)
+    skipped = ", ".join(f"{len(files)} {reason}" for reason, files in summary.skipped.items()) or "none"
+    print(f"aligned {summary.kept} faces into {args.destination}; skipped: {skipped} "
+          f"(details in {Path(args.destination) / 'summary.json'})")
+    if summary.landmark_error:
+        error = summary.landmark_error
+        print(f"landmarks vs reference on {error['faces']} faces: normalised mean error {error['nme_mean']:.4f} "
+              f"(median {error['nme_median']:.4f}, p95 {error['nme_p95']:.4f}, max {error['nme_max']:.4f})")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m factory", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +148,17 @@ def make_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--json", help="also write the result as JSON here")
     evaluation.add_argument("--data-root", help="use this face folder instead of data.root")
     evaluation.set_defaults(handler=_eval)
+
+    data = commands.add_parser("data", help="face data: detect and align raw photos")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    prepare = data_commands.add_parser("prepare", help="raw photos -> aligned 112x112 faces (MTCNN + 5 points)")
+    prepare.add_argument("source", help="folder of photos: one sub-folder per identity, or flat")
+    prepare.add_argument("destination")
+    prepare.add_argument("--select", choices=("largest", "central"), default="largest",
+                         help="which face when a photo has several (central: LFW-style crops)")
+    prepare.add_argument("--size", type=int, default=112)
+    prepare.add_argument("--reference-landmarks", help="CSV of reference landmarks to score ours against")
+    prepare.set_defaults(handler=_data_prepare)
 
     build = commands.add_parser("build", help="compile, verify and report all targets of a recipe")
     build.add_argument("recipe")

@@ -1,0 +1,1 @@
+"""Face detection (MTCNN) and five-point alignment of raw photos."""
