@@ -34,7 +34,7 @@ def read_photo(path: Path) -> np.ndarray:
                 rgba = upright.convert("RGBA")
                 background.paste(rgba, mask=rgba.getchannel("A"))
                 upright = background
-            return np.asarray(upright.convert("RGB"), dtype=np.uint8)
+            return np.array(upright.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"unreadable image ({error})") from None
 
