@@ -120,6 +120,14 @@ def _data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_fetch(args: argparse.Namespace) -> int:
+    from factory.fetch import fetch_lfw
+
+    lfw = fetch_lfw(Path(args.dest), mirror=args.mirror)
+    print(f"LFW ready in {lfw} (aligned/ and pairs.txt); evaluate with --data-root {args.dest}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m factory", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -159,6 +167,12 @@ def make_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--size", type=int, default=112)
     prepare.add_argument("--reference-landmarks", help="CSV of reference landmarks to score ours against")
     prepare.set_defaults(handler=_data_prepare)
+
+    fetch = data_commands.add_parser("fetch", help="download, verify and align a public benchmark")
+    fetch.add_argument("dataset", choices=("lfw",))
+    fetch.add_argument("--dest", default="data", help="where the aligned set goes (default: ./data)")
+    fetch.add_argument("--mirror", help="base URL of a mirror serving the same file names")
+    fetch.set_defaults(handler=_data_fetch)
 
     build = commands.add_parser("build", help="compile, verify and report all targets of a recipe")
     build.add_argument("recipe")

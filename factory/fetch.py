@@ -1,0 +1,147 @@
+"""`factory data fetch lfw`: the real LFW archive and pairs file, checksum-verified, resumable, cached.
+
+For users without local face data. Downloads go to a cache (`$FACTORY_CACHE`, default
+`~/.cache/mobile-face-factory`) as `<name>.part` and are renamed only once their MD5 matches the
+digest published for the official file, so a cached file is always a verified one. An interrupted
+download resumes with an HTTP Range request. The archive is unpacked with tarfile's "data" filter
+(no absolute paths, no links out of the folder) and its photos are detected and aligned by
+`factory.align.prepare`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import shutil
+import tarfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from factory.errors import FactoryError
+
+CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A published file: its name, where it is served, and its published MD5."""
+
+    name: str
+    urls: tuple[str, ...]
+    md5: str
+
+
+# Official LFW hosting (University of Massachusetts) and the MD5 digests published for it.
+LFW_FILES = (
+    RemoteFile("lfw.tgz", ("http://vis-www.cs.umass.edu/lfw/lfw.tgz",), "a17d05bd522c52d84eca14327a23d494"),
+    RemoteFile("pairs.txt", ("http://vis-www.cs.umass.edu/lfw/pairs.txt",), "9f1ba174e4e1c508ff7cdf10ac338a7d"),
+)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FACTORY_CACHE", Path.home() / ".cache" / "mobile-face-factory"))
+
+
+def md5_of(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fetch_into(url: str, part: Path, timeout: float) -> None:
+    """Append the rest of `url` to `part` (Range request when part of it is there already)."""
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        if have and response.status != 206:  # the server ignored the range: start over
+            have = 0
+        length = response.headers.get("Content-Length")
+        expected = int(length) + have if length is not None else None
+        with part.open("ab" if have else "wb") as out, tqdm(
+            total=expected, initial=have, unit="B", unit_scale=True, desc=part.name[:-5], mininterval=1, leave=False
+        ) as bar:
+            while chunk := response.read(CHUNK):
+                out.write(chunk)
+                bar.update(len(chunk))
+    if expected is not None and part.stat().st_size < expected:
+        raise ConnectionError(f"connection closed after {part.stat().st_size} of {expected} bytes")
+
+
+def download(remote: RemoteFile, directory: Path, mirror: str | None = None, attempts: int = 4,
+             timeout: float = 60.0) -> Path:
+    """A verified local copy of `remote` in `directory`, downloading (and resuming) only what is missing.
+
+    Args:
+        remote: The file and its published MD5.
+        directory: Cache folder.
+        mirror: Base URL serving the same file names, tried instead of the official hosts.
+        attempts: Tries per URL; each retry resumes where the last one stopped.
+        timeout: Seconds without data before a try is abandoned.
+
+    Raises:
+        FactoryError: no source served a file with the published checksum.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / remote.name
+    if final.is_file() and md5_of(final) == remote.md5:
+        return final
+    final.unlink(missing_ok=True)
+    part = directory / f"{remote.name}.part"
+    urls = (f"{mirror.rstrip('/')}/{remote.name}",) if mirror else remote.urls
+    problems = []
+    for url in urls:
+        for _ in range(attempts):
+            try:
+                _fetch_into(url, part, timeout)
+                break
+            except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as error:
+                problems.append(f"{url}: {error}")
+        else:
+            continue
+        digest = md5_of(part)
+        if digest == remote.md5:
+            os.replace(part, final)
+            return final
+        part.unlink()
+        problems.append(f"{url}: checksum mismatch (md5 {digest}, published {remote.md5}): corrupt or not the "
+                        "official file")
+    part.unlink(missing_ok=True)
+    raise FactoryError(f"could not fetch a verified {remote.name}:\n  " + "\n  ".join(problems[-4:]))
+
+
+def extract(archive: Path, destination: Path) -> Path:
+    """Unpack a tar archive safely (tarfile's "data" filter) into a fresh `destination`."""
+    if destination.exists():
+        shutil.rmtree(destination)
+    tmp = destination.with_name(destination.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+    except (tarfile.TarError, OSError) as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FactoryError(f"{archive} could not be unpacked safely ({error}); delete it and fetch again") from None
+    os.replace(tmp, destination)
+    return destination
+
+
+def fetch_lfw(destination: Path, mirror: str | None = None, files: tuple[RemoteFile, ...] = LFW_FILES,
+              cache: Path | None = None) -> Path:
+    """Download, verify, unpack and align LFW into `destination/lfw/{aligned,pairs.txt}`."""
+    from factory.align.prepare import prepare
+
+    cache = cache or cache_dir()
+    paths = {remote.name: download(remote, cache, mirror) for remote in files}
+    raw = extract(paths["lfw.tgz"], cache / "lfw-raw")
+    photos = raw / "lfw" if (raw / "lfw").is_dir() else raw
+    lfw = destination / "lfw"
+    prepare(photos, lfw / "aligned", select="central")
+    shutil.copyfile(paths["pairs.txt"], lfw / "pairs.txt")
+    return lfw
