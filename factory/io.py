@@ -10,6 +10,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success rename it onto `path`, else delete it.
@@ -21,6 +27,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = tmp_dir / path.name
     try:
         yield tmp
+        if tmp.is_file():
+            # Some writers create files owner-only (0600); give the result the usual permissions.
+            os.chmod(tmp, 0o666 & ~_umask())
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,9 @@ def test_round_trip_is_exact_and_checksummed(tmp_path: Path) -> None:
     loaded = load_weights(TinyFaceNet(), path, expected_sha256=sha256_of(path))
     assert state_dict_equal(model, loaded)
     assert not list(tmp_path.glob(".*")), "atomic write left a temporary behind"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask, "weights get ordinary file permissions"
 
 
 def test_corrupt_wrong_shape_and_wrong_checksum_are_clear_errors(tmp_path: Path) -> None:
