@@ -274,7 +274,7 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
         plot_roc(curves, out / "roc.png", f"ROC, {title}")
         plot_cosine_histograms(cosines, out / "cosine_histogram.png", f"Parity with the fp32 reference, {title}")
         write_reports(out, report, figures={"ROC curves": "roc.png", "Cosine histograms": "cosine_histogram.png"})
-        manifest = _manifest(recipe, report, compiled)
+        manifest = _manifest(recipe, report)
         write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return BuildResult(out, report, log.records)
 
@@ -308,7 +308,7 @@ def _display_path(path: Path) -> str:
         return str(path)
 
 
-def _manifest(recipe: Recipe, report: dict[str, Any], compiled: list[CompiledArtifact]) -> dict[str, Any]:
+def _manifest(recipe: Recipe, report: dict[str, Any]) -> dict[str, Any]:
     spec = recipe.model.input
     return {
         "schema_version": 1,
