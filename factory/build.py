@@ -22,7 +22,7 @@ import torch
 from factory.data import load_images, read_split, sample_paths
 from factory.deploy import Embedder
 from factory.errors import FactoryError
-from factory.evaluation import EvaluationSet, load_evaluation_set, torch_embeddings
+from factory.evaluation import EvaluationSet, load_evaluation_set, load_pair_set, torch_embeddings
 from factory.io import write_text_atomic
 from factory.latency import all_threads, time_calls
 from factory.metrics import cosine_rows, cosine_summary, flip_rate
@@ -133,6 +133,16 @@ def _parity(
     }, verification["similarities"]
 
 
+def _benchmark_parity(
+    embeddings: np.ndarray, pair_set: EvaluationSet, reference: dict[str, Any]
+) -> dict[str, float | int]:
+    """An artifact's accuracy on a further benchmark, its drop and decision flips against the reference."""
+    verification = pair_set.verification(embeddings)
+    rate, flips = flip_rate(reference["similarities"], verification["similarities"], reference["threshold"])
+    return {"accuracy": verification["accuracy"], "accuracy_drop": reference["accuracy"] - verification["accuracy"],
+            "flip_rate": rate, "flips": flips}
+
+
 def _latency_rows(make_call: Any, warmup: int, runs: int) -> dict[str, dict[str, float]]:
     rows = {}
     for threads in sorted({1, all_threads()}):
@@ -164,6 +174,8 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
         reference_model = Embedder(backbone, spec.mean, spec.std, recipe.model.embedding_size).eval()
         evaluation = load_evaluation_set(recipe)
         calibration, calibration_paths = load_calibration(recipe, {p.resolve() for p in evaluation.paths})
+        benchmarks = {cfg.name: load_pair_set(recipe, cfg.pairs, cfg.images, cfg.max_pairs)
+                      for cfg in recipe.data.benchmarks}
     printer(f"  {len(evaluation.pairs)} pairs over {len(evaluation.paths)} held-out images; "
             f"{len(calibration_paths)} calibration faces")
 
@@ -171,6 +183,12 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
         reference = torch_embeddings(reference_model, evaluation.pixels("NCHW"))
         ref_verification = evaluation.verification(reference)
     printer(f"  reference LFW accuracy {ref_verification['accuracy']:.4f} ± {ref_verification['accuracy_std']:.4f}")
+    benchmark_reference = {}
+    for name, pair_set in benchmarks.items():
+        with log.stage(Stage.VERIFY, f"PyTorch fp32 reference on benchmark {name}"):
+            embeddings = torch_embeddings(reference_model, pair_set.pixels("NCHW"))
+            benchmark_reference[name] = pair_set.verification(embeddings)
+        printer(f"  reference {name} accuracy {benchmark_reference[name]['accuracy']:.4f}")
 
     compiled: list[CompiledArtifact] = []
     for target_cfg in recipe.targets:
@@ -194,7 +212,7 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
             "bytes": _size(artifact.path), "sha256": sha256_of(artifact.path),
             "quantization": artifact.quantization, "runtime": target.runtime_name,
             "io": _io(artifact), "details": artifact.details,
-            "verified_by": None, "status": None, "parity": None, "gates": [], "latency_ms": None,
+            "verified_by": None, "status": None, "parity": None, "gates": [], "latency_ms": None, "benchmarks": {},
         }
         unsupported = target.host_support()
         if unsupported is not None:
@@ -211,6 +229,10 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
             gate = recipe.gates.get(artifact.precision)
             entry.update(verified_by=target.runtime_name, status="verified", parity=parity,
                          gates=evaluate_gates(gate, parity))
+        for name, pair_set in benchmarks.items():
+            with log.stage(Stage.VERIFY, f"{artifact.path.name} on benchmark {name}"):
+                entry["benchmarks"][name] = _benchmark_parity(
+                    runner(pair_set.pixels(artifact.input_layout)), pair_set, benchmark_reference[name])
         example = example_nchw.transpose(0, 2, 3, 1).copy() if artifact.input_layout == "NHWC" else example_nchw
         with log.stage(Stage.VERIFY, f"{artifact.path.name} latency"):
             entry["latency_ms"] = _latency_rows(
@@ -264,6 +286,13 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
             "tar_at_far_1e-03": ref_verification["tar_at_far_1e-03"],
             "tar_at_far_1e-04": ref_verification["tar_at_far_1e-04"],
         },
+        "benchmarks": [
+            {"name": cfg.name, "pairs_file": cfg.pairs, "pairs": len(benchmarks[cfg.name].pairs),
+             "images": len(benchmarks[cfg.name].paths), "note": cfg.note,
+             "reference": {key: benchmark_reference[cfg.name][key]
+                           for key in ("accuracy", "accuracy_std", "threshold", "tar_at_far_1e-03")}}
+            for cfg in recipe.data.benchmarks
+        ],
         "latency_settings": {"batch": 1, "warmup": recipe.latency.warmup, "runs": recipe.latency.runs},
         "peers": peers,
         "artifacts": artifacts,

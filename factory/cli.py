@@ -1,4 +1,4 @@
-"""Command line: `python -m factory {validate,list,train,build} ...`."""
+"""Command line: `python -m factory {validate,list,train,curve,eval,data,build} ...`."""
 
 from __future__ import annotations
 
@@ -50,26 +50,37 @@ def _list(_args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import torch
 
-    from factory.deploy import Embedder
-    from factory.evaluation import load_evaluation_set, torch_embeddings
+    from factory.curve import pair_scorer
+    from factory.evaluation import load_evaluation_set
     from factory.recipe import load_recipe
     from factory.train import train
 
-    recipe = load_recipe(args.recipe, data_root=args.data_root)
+    recipe = load_recipe(args.recipe, data_root=args.data_root, fallback_to_lfw=args.data_root is None)
     if args.threads:
         torch.set_num_threads(args.threads)
     output = Path(args.output) if args.output else recipe.resolve(recipe.weights.path)
-    spec = recipe.model.input
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        evaluation = load_evaluation_set(recipe)
-        embedder = Embedder(model.eval(), spec.mean, spec.std, recipe.model.embedding_size).eval()
-        result = evaluation.verification(torch_embeddings(embedder, evaluation.pixels("NCHW")))
-        return {"lfw_accuracy": result["accuracy"], "lfw_accuracy_std": result["accuracy_std"],
-                "pairs": len(evaluation.pairs)}
+        return pair_scorer(recipe, load_evaluation_set(recipe))(model)
 
     summary = train(recipe, output, device=args.device, evaluate=evaluate)
     print(f"weights written to {output} ({summary['wall_time_s'] / 60:.1f} min on {summary['device']})")
+    return 0
+
+
+def _curve(args: argparse.Namespace) -> int:
+    import torch
+
+    from factory.curve import learning_curve
+    from factory.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, data_root=args.data_root, fallback_to_lfw=args.data_root is None)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out_dir = Path(args.out) if args.out else Path("reports") / recipe.name
+    learning_curve(recipe, args.fractions, args.epochs, out_dir, device=args.device,
+                   pairs_per_epoch=args.pairs_per_epoch or None)
+    print(f"learning curve written to {out_dir / 'learning_curve.md'}")
     return 0
 
 
@@ -77,7 +88,7 @@ def _build(args: argparse.Namespace) -> int:
     from factory.build import build
     from factory.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, data_root=args.data_root)
+    recipe = load_recipe(args.recipe, data_root=args.data_root, fallback_to_lfw=args.data_root is None)
     result = build(recipe, Path(args.out) if args.out else None)
     print(f"\n{result.report['verdict'].upper()}: report in {result.out_dir / 'report.md'}")
     return 0 if result.passed else 1
@@ -89,7 +100,7 @@ def _eval(args: argparse.Namespace) -> int:
     from factory.evaluation import evaluate
     from factory.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, data_root=args.data_root)
+    recipe = load_recipe(args.recipe, data_root=args.data_root, fallback_to_lfw=args.data_root is None)
     if args.pairs:
         recipe.data.evaluation.pairs = str(Path(args.pairs).resolve())
         recipe.data.evaluation.images = str(Path(args.images or Path(args.pairs).parent).resolve())
@@ -121,10 +132,13 @@ def _data_prepare(args: argparse.Namespace) -> int:
 
 
 def _data_fetch(args: argparse.Namespace) -> int:
-    from factory.fetch import fetch_lfw
+    from factory.fetch import fetch_lfw, fetched_root
 
-    lfw = fetch_lfw(Path(args.dest), mirror=args.mirror)
-    print(f"LFW ready in {lfw} (aligned/ and pairs.txt); evaluate with --data-root {args.dest}")
+    destination = Path(args.dest) if args.dest else fetched_root()
+    lfw = fetch_lfw(destination, mirror=args.mirror)
+    print(f"LFW ready in {lfw} (aligned/, pairs.txt, train.txt of non-test identities); builds whose data.root "
+          f"is missing use it{'' if args.dest is None else f' if it is in {fetched_root()}'}, or pass "
+          f"--data-root {destination}")
     return 0
 
 
@@ -146,6 +160,19 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int, help="CPU threads for training")
     train.add_argument("--data-root", help="use this face folder instead of data.root")
     train.set_defaults(handler=_train)
+
+    curve = commands.add_parser("curve", help="held-out accuracy against training identities and epochs")
+    curve.add_argument("recipe")
+    curve.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0],
+                       help="shares of the training identities, one training run each")
+    curve.add_argument("--epochs", type=int, default=4, help="epochs per run (accuracy is scored after each)")
+    curve.add_argument("--pairs-per-epoch", type=int, default=1200,
+                       help="score epochs on this many evaluation pairs (0: all); final models use all pairs")
+    curve.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    curve.add_argument("--threads", type=int, help="CPU threads for training")
+    curve.add_argument("--data-root", help="use this face folder instead of data.root")
+    curve.add_argument("--out", help="folder for learning_curve.* (default: reports/<recipe>)")
+    curve.set_defaults(handler=_curve)
 
     evaluation = commands.add_parser("eval", help="verification accuracy of the model or of a built artifact")
     evaluation.add_argument("recipe")
@@ -170,7 +197,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     fetch = data_commands.add_parser("fetch", help="download, verify and align a public benchmark")
     fetch.add_argument("dataset", choices=("lfw",))
-    fetch.add_argument("--dest", default="data", help="where the aligned set goes (default: ./data)")
+    fetch.add_argument("--dest", help="where the aligned set goes (default: $FACTORY_CACHE/faces, where builds "
+                                      "without local data look)")
     fetch.add_argument("--mirror", help="base URL of a mirror serving the same file names")
     fetch.set_defaults(handler=_data_fetch)
 

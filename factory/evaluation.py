@@ -60,26 +60,32 @@ def subsample_pairs(pairs: list[Pair], max_pairs: int) -> list[Pair]:
 
 
 def load_evaluation_set(recipe: Recipe) -> EvaluationSet:
-    """Read the recipe's pairs and every image they use; refuse too small a parity set."""
+    """Read the recipe's evaluation pairs and every image they use; refuse too small a parity set."""
     cfg = recipe.data.evaluation
-    pairs_path = data_path(recipe, cfg.pairs)
+    evaluation = load_pair_set(recipe, cfg.pairs, cfg.images, cfg.max_pairs)
+    if len(evaluation.paths) < cfg.min_parity_images:
+        raise FactoryError(
+            f"the evaluation pairs use {len(evaluation.paths)} images, fewer than data.evaluation.min_parity_images "
+            f"({cfg.min_parity_images}); use more pairs (max_pairs) or lower the minimum"
+        )
+    return evaluation
+
+
+def load_pair_set(recipe: Recipe, pairs_file: str, images: str, max_pairs: int | None = None) -> EvaluationSet:
+    """Read a pairs file (LFW format, simple list or insightface .bin) under the data root, with its images."""
+    pairs_path = data_path(recipe, pairs_file)
     encoded: dict[Path, bytes] = {}
     if pairs_path.suffix == ".bin":
-        images, flags = read_insightface_bin(pairs_path)
-        encoded = {pairs_path.with_name(f"{pairs_path.name}#{i}"): blob for i, blob in enumerate(images)}
+        blobs, flags = read_insightface_bin(pairs_path)
+        encoded = {pairs_path.with_name(f"{pairs_path.name}#{i}"): blob for i, blob in enumerate(blobs)}
         keys = list(encoded)
         pairs = [Pair(keys[2 * i], keys[2 * i + 1], bool(flag), i * FOLDS // len(flags))
                  for i, flag in enumerate(flags)]
     else:
-        pairs = read_pairs(pairs_path, data_path(recipe, cfg.images))
-    if cfg.max_pairs is not None:
-        pairs = subsample_pairs(pairs, cfg.max_pairs)
+        pairs = read_pairs(pairs_path, data_path(recipe, images))
+    if max_pairs is not None:
+        pairs = subsample_pairs(pairs, max_pairs)
     paths = unique_pair_images(pairs)
-    if len(paths) < cfg.min_parity_images:
-        raise FactoryError(
-            f"the evaluation pairs use {len(paths)} images, fewer than data.evaluation.min_parity_images "
-            f"({cfg.min_parity_images}); use more pairs (max_pairs) or lower the minimum"
-        )
     position = {path: i for i, path in enumerate(paths)}
     size = recipe.model.input.size
     pixels = decode_images([encoded[p] for p in paths], size, pairs_path) if encoded else load_images(paths, size)

@@ -17,12 +17,14 @@ import shutil
 import tarfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from factory.errors import FactoryError
+from factory.io import write_text_atomic
 
 CHUNK = 1 << 16
 
@@ -45,6 +47,11 @@ LFW_FILES = (
 
 def cache_dir() -> Path:
     return Path(os.environ.get("FACTORY_CACHE", Path.home() / ".cache" / "mobile-face-factory"))
+
+
+def fetched_root() -> Path:
+    """Where `data fetch lfw` puts LFW by default, and where the build's fallback looks for it."""
+    return cache_dir() / "faces"
 
 
 def md5_of(path: Path) -> str:
@@ -134,7 +141,11 @@ def extract(archive: Path, destination: Path) -> Path:
 
 def fetch_lfw(destination: Path, mirror: str | None = None, files: tuple[RemoteFile, ...] = LFW_FILES,
               cache: Path | None = None) -> Path:
-    """Download, verify, unpack and align LFW into `destination/lfw/{aligned,pairs.txt}`."""
+    """Download, verify, unpack and align LFW into `destination/lfw/{aligned,pairs.txt,train.txt}`.
+
+    `train.txt` (written last, so its presence means the set is complete) lists every image of the
+    identities that appear in no test pair: calibration and training faces disjoint from the test.
+    """
     from factory.align.prepare import prepare
 
     cache = cache or cache_dir()
@@ -144,4 +155,43 @@ def fetch_lfw(destination: Path, mirror: str | None = None, files: tuple[RemoteF
     lfw = destination / "lfw"
     prepare(photos, lfw / "aligned", select="central")
     shutil.copyfile(paths["pairs.txt"], lfw / "pairs.txt")
+    write_non_test_split(lfw)
     return lfw
+
+
+def write_non_test_split(lfw: Path) -> Path:
+    """Write `lfw/train.txt`: `path<TAB>label` for each aligned image of an identity in no test pair."""
+    from factory.data import read_lfw_pairs
+
+    tested = {path.parent.name for pair in read_lfw_pairs(lfw / "pairs.txt", lfw / "aligned")
+              for path in (pair.path_a, pair.path_b)}
+    lines = [f"lfw/aligned/{image.parent.name}/{image.name}\tlfw:{image.parent.name}"
+             for image in sorted((lfw / "aligned").glob("*/*.jpg")) if image.parent.name not in tested]
+    if not lines:
+        raise FactoryError(f"{lfw}: every aligned identity appears in the test pairs; nothing is left for "
+                           "calibration — fetch LFW again")
+    split = lfw / "train.txt"
+    write_text_atomic(split, "\n".join(lines) + "\n")
+    return split
+
+
+def lfw_fallback(missing_root: Path, log: Callable[[str], None] = print) -> Path:
+    """A data root holding LFW, fetched now unless an earlier fetch completed; for builds without local data.
+
+    The mirror in `$FACTORY_LFW_MIRROR`, if set, is used instead of the official hosting.
+    """
+    root = fetched_root()
+    if (root / "lfw" / "train.txt").is_file():
+        log(f"no face data at {missing_root}: using LFW fetched earlier into {root}")
+        return root
+    log(f"no face data at {missing_root}: falling back to LFW from its official hosting "
+        f"(`python -m factory data fetch lfw`, about 180 MB, then detection and alignment) into {root}")
+    try:
+        fetch_lfw(root, mirror=os.environ.get("FACTORY_LFW_MIRROR"), files=LFW_FILES)
+    except FactoryError as error:
+        raise FactoryError(
+            f"no face data at {missing_root} (the recipe's data.root), and fetching LFW as a fallback failed:\n"
+            f"{error}\nFix: point data.root or --data-root at a folder of aligned faces, or run "
+            "`python -m factory data fetch lfw` on a machine with internet access."
+        ) from None
+    return root

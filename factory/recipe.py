@@ -88,6 +88,8 @@ class TrainConfig:
     arcface_margin: float = 0.5
     max_shift: int = 4
     seed: int = 0
+    # Train on this seeded share of the split's identities (all their images); < 1 for learning curves.
+    identity_fraction: float = 1.0
 
 
 @dataclass
@@ -111,12 +113,27 @@ class EvaluationConfig:
 
 
 @dataclass
+class BenchmarkConfig:
+    """A further pair set scored for the reference and every artifact (accuracy, drop, flips), not gated.
+
+    `note` is printed beside the numbers, e.g. that the set's identities were seen in training.
+    """
+
+    name: str
+    pairs: str
+    images: str
+    note: str = ""
+    max_pairs: int | None = None
+
+
+@dataclass
 class DataConfig:
     """Real face data; `root` is the base of the other data paths."""
 
     root: str
     calibration: CalibrationConfig
     evaluation: EvaluationConfig
+    benchmarks: list[BenchmarkConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -317,6 +334,8 @@ def _check_rules(recipe: Recipe, problems: list[str]) -> None:
         for name in ("epochs", "batch_size"):
             if getattr(recipe.train, name) <= 0:
                 problems.append(f"train.{name}: must be positive")
+        if not 0.0 < recipe.train.identity_fraction <= 1.0:
+            problems.append(f"train.identity_fraction: a fraction in (0, 1], got {recipe.train.identity_fraction}")
     checks = [
         ("data.root", recipe.data.root, "dir"),
         ("data.calibration.split", str(Path(recipe.data.root) / calibration.split), "file"),
@@ -324,6 +343,13 @@ def _check_rules(recipe: Recipe, problems: list[str]) -> None:
     ]
     if not evaluation.pairs.endswith(".bin"):  # an insightface .bin file carries its own images
         checks.append(("data.evaluation.images", str(Path(recipe.data.root) / evaluation.images), "dir"))
+    names = [benchmark.name for benchmark in recipe.data.benchmarks]
+    for index, benchmark in enumerate(recipe.data.benchmarks):
+        if names.count(benchmark.name) > 1:
+            problems.append(f"data.benchmarks[{index}].name: {benchmark.name!r} is used twice; names must be unique")
+        checks.append((f"data.benchmarks[{index}].pairs", str(Path(recipe.data.root) / benchmark.pairs), "file"))
+        if not benchmark.pairs.endswith(".bin"):
+            checks.append((f"data.benchmarks[{index}].images", str(Path(recipe.data.root) / benchmark.images), "dir"))
     if recipe.train is not None:
         checks.append(("train.split", str(Path(recipe.data.root) / recipe.train.split), "file"))
     for key, relative, kind in checks:
@@ -348,12 +374,14 @@ def parse_recipe(data: Any, path: Path) -> Recipe:
     return recipe
 
 
-def load_recipe(path: str | Path, data_root: str | None = None) -> Recipe:
+def load_recipe(path: str | Path, data_root: str | None = None, fallback_to_lfw: bool = False) -> Recipe:
     """Read, validate and resolve a recipe file.
 
     Args:
         path: The YAML recipe.
         data_root: Overrides `data.root` (e.g. a user's own face folder), before validation.
+        fallback_to_lfw: When the data root does not exist, use LFW from `factory data fetch lfw`
+            (fetching it first if no complete copy is cached) instead of failing.
     """
     path = Path(path)
     if not path.is_file():
@@ -364,7 +392,33 @@ def load_recipe(path: str | Path, data_root: str | None = None) -> Recipe:
         raise RecipeError(str(path), [f"not valid YAML: {error}"]) from None
     if data_root is not None and isinstance(data, dict) and isinstance(data.get("data"), dict):
         data["data"]["root"] = str(Path(data_root).resolve())
+    if fallback_to_lfw:
+        _use_lfw_if_no_data(data, path)
     return parse_recipe(data, path)
+
+
+def _use_lfw_if_no_data(data: Any, path: Path) -> None:
+    """Point a recipe whose data root is missing at fetched LFW (fetching it if needed).
+
+    LFW's own View-2 pairs become the evaluation set; calibration (and training, if the weights are
+    missing) use the images of LFW identities that appear in no test pair.
+    """
+    section = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(section, dict) or not isinstance(section.get("root"), str):
+        return  # the schema check reports it
+    root = Path(section["root"]).expanduser()
+    root = root if root.is_absolute() else path.parent / root
+    if root.is_dir():
+        return
+    from factory.fetch import lfw_fallback
+
+    section["root"] = str(lfw_fallback(root.resolve()))
+    if isinstance(section.get("calibration"), dict):
+        section["calibration"]["split"] = "lfw/train.txt"
+    section["evaluation"] = {**(section.get("evaluation") or {}), "pairs": "lfw/pairs.txt", "images": "lfw/aligned"}
+    if isinstance(data.get("train"), dict):
+        data["train"]["split"] = "lfw/train.txt"
+    section.pop("benchmarks", None)  # they name files of the missing data root
 
 
 def data_path(recipe: Recipe, relative: str) -> Path:

@@ -96,6 +96,7 @@ def render_markdown(report: dict[str, Any], figures: dict[str, str] | None = Non
         )
     for caption, file in (figures or {}).items():
         lines += ["", f"![{caption}]({file})"]
+    lines += _benchmark_lines(report)
     lines += [
         "",
         "## Host latency per face (batch 1, ms: median / p90)",
@@ -118,6 +119,30 @@ def render_markdown(report: dict[str, Any], figures: dict[str, str] | None = Non
     lines += ["", "## Build stages", "", "| stage | subject | seconds |", "|---|---|---|"]
     lines += [f"| {r['stage']} | {r['subject']} | {r['seconds']} |" for r in report["stages"]]
     return "\n".join(lines) + "\n"
+
+
+def _benchmark_lines(report: dict[str, Any]) -> list[str]:
+    """A table of further benchmarks: reference accuracy, then each artifact's accuracy, drop and flips."""
+    benchmarks = report.get("benchmarks") or []
+    if not benchmarks:
+        return []
+    lines = ["", "## Further benchmarks (not gated)", ""]
+    for bench in benchmarks:
+        ref = bench["reference"]
+        lines.append(f"- **{bench['name']}**: {bench['pairs']} pairs over {bench['images']} images of "
+                     f"`{bench['pairs_file']}`. {bench['note']}".rstrip())
+    verified = [a for a in report["artifacts"] if a.get("benchmarks")]
+    lines += ["", "| benchmark | reference | " + " | ".join(f"`{a['file']}`" for a in verified) + " |",
+              "|---|---|" + "---|" * len(verified)]
+    for bench in benchmarks:
+        ref = bench["reference"]
+        cells = []
+        for a in verified:
+            b = a["benchmarks"][bench["name"]]
+            cells.append(f"{_pct(b['accuracy'])} ({100 * b['accuracy_drop']:+.2f} pt, {b['flips']} flips)")
+        lines.append(f"| {bench['name']} | {_pct(ref['accuracy'])} ± {_pct(ref['accuracy_std'])} | "
+                     + " | ".join(cells) + " |")
+    return lines
 
 
 def render_html(markdown_text: str, out: Path, figures: dict[str, str]) -> str:

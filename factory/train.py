@@ -7,6 +7,7 @@ the step counters in the file's metadata, so resuming never unpickles anything.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -118,6 +119,7 @@ def train(
     device: str = "auto",
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     log: Callable[[str], None] = print,
+    evaluate_every_epoch: bool = False,
 ) -> dict:
     """Train the recipe's model on its training split and save the weights to `output`.
 
@@ -127,6 +129,7 @@ def train(
         device: "cpu", "cuda" or "auto".
         evaluate: Optional callback scoring the model (e.g. LFW accuracy) after training.
         log: Where progress lines go.
+        evaluate_every_epoch: Also score the model after every epoch (kept in the history; learning curves).
 
     Returns:
         A summary (hardware, wall time, epochs, final loss, evaluation) that is also written as JSON.
@@ -139,6 +142,11 @@ def train(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     spec = recipe.model.input
     items = read_split(data_path(recipe, cfg.split), recipe.resolve(recipe.data.root))
+    if cfg.identity_fraction < 1.0:
+        identities = sorted({label for _, label in items})
+        keep = round(cfg.identity_fraction * len(identities))
+        chosen = set(np.random.default_rng(cfg.seed).permutation(identities)[:keep].tolist())
+        items = [item for item in items if item[1] in chosen]
     labels_text = sorted({label for _, label in items})
     label_index = {label: i for i, label in enumerate(labels_text)}
     log(f"training {recipe.model.architecture}: {len(items)} images, {len(labels_text)} identities, device {device}")
@@ -195,6 +203,11 @@ def train(
             progress.set_postfix(loss=f"{running / seen:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}")
         elapsed = time.perf_counter() - started
         history.append({"epoch": epoch + 1, "loss": running / seen, "elapsed_s": round(elapsed, 1)})
+        if evaluate is not None and evaluate_every_epoch:
+            scoring_started = time.perf_counter()
+            history[-1]["evaluation"] = evaluate(copy.deepcopy(model).cpu().eval())
+            started += time.perf_counter() - scoring_started  # elapsed_s counts training only
+            log(f"epoch {epoch + 1} evaluation: {history[-1]['evaluation']}")
         _save_checkpoint(checkpoint, model, head, optimizer,
                          {"epoch": epoch + 1, "history": history, "train_config": asdict(cfg)})
         log(f"epoch {epoch + 1}/{cfg.epochs}: loss {running / seen:.4f} ({elapsed / 60:.1f} min)")

@@ -26,6 +26,7 @@ def reduced_recipe(tmp_path: Path, faces_root: Path, **changes) -> Path:
     data["data"]["root"] = str(faces_root)
     data["data"]["calibration"].update(count=128, allow_fewer_than_300=True)
     data["data"]["evaluation"].update(max_pairs=200, min_parity_images=300)
+    data["data"]["benchmarks"][0]["max_pairs"] = 100
     # 200 pairs: one flipped decision moves accuracy by 0.5 pt, so the drop gate is wider here.
     data["gates"]["int8"]["lfw_accuracy_drop_max"] = 0.03
     data.pop("train")
@@ -77,6 +78,13 @@ def test_build_writes_six_verified_artifacts_and_a_manifest(tmp_path: Path, face
         if artifact["format"] == "executorch":
             assert artifact["details"]["delegated"] is True
     assert set(report["peers"]) == {"pytorch_eager_fp32", "onnxruntime_fp32"}
+    celeba = report["benchmarks"][0]
+    assert celeba["name"] == "CelebA pairs" and celeba["pairs"] == 100 and "sanity check" in celeba["note"]
+    assert 0.6 < celeba["reference"]["accuracy"] <= 1.0, "training identities: far better than chance"
+    for artifact in report["artifacts"]:
+        if artifact["status"] == "verified":
+            assert abs(artifact["benchmarks"]["CelebA pairs"]["accuracy_drop"]) <= 0.05
+    assert "## Further benchmarks (not gated)" in (out / "report.md").read_text()
     assert (out / "report.md").read_text().count("| `mobilefacenet_reduced_") >= 12
     assert (out / "roc.png").stat().st_size > 10_000 and (out / "cosine_histogram.png").stat().st_size > 10_000
     html = (out / "report.html").read_text()

@@ -110,19 +110,64 @@ def test_unpacking_refuses_paths_outside_the_folder(tmp_path: Path) -> None:
     assert not (tmp_path / "escaped.txt").exists()
 
 
-@pytest.mark.data
-def test_fetch_lfw_end_to_end_from_a_local_mirror(server: Server, tmp_path: Path, faces_root: Path) -> None:
-    from factory.fetch import fetch_lfw
 
-    photos = sorted((faces_root / "raw-samples" / "lfw").glob("*/*.jpg"))[:4]
+def lfw_mirror(server: Server, faces_root: Path, count: int) -> tuple[tuple[RemoteFile, ...], list[Path], bytes]:
+    """Serve a small LFW-shaped archive of real photos; the pairs file tests only the first two identities."""
+    photos = sorted((faces_root / "raw-samples" / "lfw").glob("*/*.jpg"))[:count]
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         for photo in photos:
             tar.add(photo, arcname=f"lfw/{photo.parent.name}/{photo.name}")
-    pairs = b"1\t1\n" + f"{photos[0].parent.name}\t1\t1\n".encode()
+    first, second = photos[0].parent.name, photos[1].parent.name
+    pairs = f"1\t1\n{first}\t1\t1\n{first}\t1\t{second}\t1\n".encode()
     server.files.update({"lfw.tgz": buffer.getvalue(), "pairs.txt": pairs})
-    files = (remote("lfw.tgz", buffer.getvalue()), remote("pairs.txt", pairs))
+    return (remote("lfw.tgz", buffer.getvalue()), remote("pairs.txt", pairs)), photos, pairs
+
+
+@pytest.mark.data
+def test_fetch_lfw_end_to_end_from_a_local_mirror(server: Server, tmp_path: Path, faces_root: Path) -> None:
+    from factory.fetch import fetch_lfw
+
+    files, photos, pairs = lfw_mirror(server, faces_root, 3)
     lfw = fetch_lfw(tmp_path / "data", mirror=server.url, files=files, cache=tmp_path / "cache")
     assert (lfw / "pairs.txt").read_bytes() == pairs
     aligned = sorted((lfw / "aligned").glob("*/*.jpg"))
     assert [p.name for p in aligned] == sorted(p.name for p in photos)
+    split = [line.split("\t") for line in (lfw / "train.txt").read_text().splitlines()]
+    assert [label for _, label in split] == [f"lfw:{p.parent.name}" for p in photos[2:]], "test identities excluded"
+    assert all((lfw.parent / path).is_file() for path, _ in split)
+
+
+@pytest.mark.data
+def test_recipe_without_local_data_falls_back_to_fetched_lfw(
+    server: Server, tmp_path: Path, faces_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import yaml
+    from helpers import recipe_dict
+
+    from factory import fetch
+    from factory.recipe import data_path, load_recipe
+
+    files, photos, _ = lfw_mirror(server, faces_root, 3)
+    monkeypatch.setattr(fetch, "LFW_FILES", files)
+    monkeypatch.setenv("FACTORY_CACHE", str(tmp_path / "cache"))
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe_dict(tmp_path / "no-such-faces")))
+
+    server.files.pop("pairs.txt")
+    monkeypatch.setenv("FACTORY_LFW_MIRROR", server.url)
+    with pytest.raises(FactoryError, match=r"no face data at .*no-such-faces[\s\S]*--data-root[\s\S]*data fetch lfw"):
+        load_recipe(recipe_file, fallback_to_lfw=True)
+    assert not (tmp_path / "cache" / "faces" / "lfw" / "train.txt").exists()
+
+    files, photos, _ = lfw_mirror(server, faces_root, 3)
+    recipe = load_recipe(recipe_file, fallback_to_lfw=True)
+    assert Path(recipe.data.root) == tmp_path / "cache" / "faces"
+    assert data_path(recipe, recipe.data.evaluation.pairs).read_text().split()[2] == photos[0].parent.name
+    calibration = data_path(recipe, recipe.data.calibration.split).read_text()
+    assert photos[1].parent.name not in calibration and photos[2].parent.name in calibration
+    served = len(server.requests)
+    load_recipe(recipe_file, fallback_to_lfw=True)
+    assert len(server.requests) == served, "a complete fetched copy is reused, not fetched again"
+    with pytest.raises(FactoryError, match="no-such-faces"):
+        load_recipe(recipe_file)

@@ -79,3 +79,37 @@ def test_train_cli_writes_weights_log_and_evaluation(tmp_path: Path) -> None:
     assert summary["evaluation"]["pairs"] == 12
     assert 0.0 <= summary["evaluation"]["lfw_accuracy"] <= 1.0
     load_weights(create_model("mobilefacenet"), recipe.resolve("cli.safetensors"))
+
+
+def test_learning_curve_scores_every_epoch_of_each_identity_fraction(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    recipe = make_recipe(tmp_path, epochs=1, weights="curve.safetensors")
+    out = tmp_path / "report"
+    result = subprocess.run([sys.executable, "-m", "factory", "curve", str(recipe.path), "--fractions", "0.5", "1",
+                             "--epochs", "2", "--device", "cpu", "--threads", "1", "--out", str(out)],
+                            capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    curve = json.loads((out / "learning_curve.json").read_text())
+    assert [(run["identities"], run["images"]) for run in curve["runs"]] == [(2, 12), (4, 24)]
+    for run in curve["runs"]:
+        assert [point["epoch"] for point in run["epochs"]] == [1, 2]
+        assert all(0.0 <= point["accuracy"] <= 1.0 for point in run["epochs"])
+        assert 0.0 <= run["final_accuracy"] <= 1.0
+    assert (out / "learning_curve.png").stat().st_size > 10_000
+    text = (out / "learning_curve.md").read_text()
+    assert "| 2 (50%) | 12 |" in text and "| 4 | 2 |" in text
+    assert not recipe.resolve("curve.safetensors").exists(), "the shipped weights are never touched"
+
+
+def test_identity_fraction_is_validated(tmp_path: Path) -> None:
+    data = recipe_dict(synthetic_dataset(tmp_path / "faces"))
+    data["train"]["identity_fraction"] = 0.0
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(FactoryError, match=r"train\.identity_fraction: a fraction in \(0, 1\], got 0.0"):
+        load_recipe(path)
