@@ -79,6 +79,7 @@ def learning_curve(
         "host": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
         "runs": [],
     }
+    curve["shipped"] = _shipped_point(recipe, score_all)
     for fraction in sorted(fractions):
         # The warm-up keeps its share of the recipe's schedule, which shrinks with data and epochs.
         warmup = max(1, round(recipe.train.warmup_steps * fraction * epochs / recipe.train.epochs))
@@ -108,6 +109,22 @@ def learning_curve(
     return curve
 
 
+def _shipped_point(recipe: Recipe, score: Callable[[torch.nn.Module], dict[str, float]]) -> dict | None:
+    """The recipe's own trained weights on every pair, with their training log, for comparison."""
+    weights = recipe.resolve(recipe.weights.path)
+    log_file = weights.with_suffix(".train.json")
+    if not weights.is_file() or not log_file.is_file():
+        return None
+    training = json.loads(log_file.read_text())
+    model = load_weights(create_model(recipe.model.architecture, **recipe.model.builder_kwargs()), weights,
+                         recipe.weights.sha256)
+    result = score(model)
+    return {"weights": recipe.weights.path, "epochs": training["epochs"], "images": training["images"],
+            "identities": training["identities"], "device": training["device"],
+            "train_time_s": training["wall_time_s"], "accuracy": result["lfw_accuracy"],
+            "accuracy_std": result["lfw_accuracy_std"]}
+
+
 def _shown(path: Path) -> str:
     try:
         return str(path.resolve().relative_to(Path.cwd()))
@@ -134,6 +151,11 @@ def curve_markdown(curve: dict) -> str:
         lines.append(f"| {run['identities']} ({100 * run['identity_fraction']:.0f}%) | {run['images']} | "
                      f"{run['train_time_s'] / 60:.1f} min | "
                      f"{100 * run['final_accuracy']:.2f}% ± {100 * run['final_accuracy_std']:.2f} |")
+    shipped = curve.get("shipped")
+    if shipped:
+        lines.append(f"| {shipped['identities']} (100%), shipped weights: {shipped['epochs']} epochs | "
+                     f"{shipped['images']} | {shipped['train_time_s'] / 60:.1f} min | "
+                     f"{100 * shipped['accuracy']:.2f}% ± {100 * shipped['accuracy_std']:.2f} |")
     lines += [
         "",
         f"## During training ({ev['per_epoch_count']} fold-balanced pairs, scored after every epoch)",
@@ -165,10 +187,15 @@ def _plot(curve: dict, path: Path) -> None:
     by_epoch.legend(fontsize=8)
     images = [run["images"] for run in curve["runs"]]
     final = [100 * run["final_accuracy"] for run in curve["runs"]]
-    by_data.plot(images, final, marker="o")
+    by_data.plot(images, final, marker="o", label=f"{curve['train_config']['epochs']} epochs")
+    shipped = curve.get("shipped")
+    if shipped:
+        by_data.plot([shipped["images"]], [100 * shipped["accuracy"]], marker="*", markersize=12, linestyle="",
+                     label=f"shipped weights, {shipped['epochs']} epochs")
+    by_data.legend(fontsize=8)
     by_data.set_xscale("log")
     by_data.set(xlabel="training images (log scale)", ylabel="LFW accuracy (%)",
-                title=f"after {curve['train_config']['epochs']} epochs ({curve['evaluation']['count']} pairs)")
+                title=f"after the last epoch ({curve['evaluation']['count']} pairs)")
     for axis in (by_epoch, by_data):
         axis.grid(alpha=0.3)
     figure.tight_layout()
