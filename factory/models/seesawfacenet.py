@@ -16,19 +16,21 @@ convolution, linear embedding) with every inverted residual replaced by a seesaw
       -> hidden channels split 1/4 : 3/4, one linear 1x1 projection per part, concatenated
       -> residual connection
 
-    variant   stem  stage channels (hidden)                          downsampling shortcut
-    shuffle   64    64 (128) x5, 128 (256) x7, 128 (512, then 256) x3  none
-    share     64    as shuffle, no shuffle; projections split 3/4 : 1/4  none
-    dw_v1     96    96 (192) x9, 192 (384) x13, 192 (768, then 384) x5  1x1 conv, stride 2
-    dw_v2     96    as dw_v1                                          2x2 max pool + 1x1 conv
+    variant  stem  blocks per stage: channels (hidden width)                  stride-2 block shortcut
+    shuffle  64    5: 64 (128),  7: 128 (256),  3: 128 (512 first, then 256)  none
+    share    64    as shuffle, without the shuffle; projections split 3/4 : 1/4  none
+    dw_v1    96    9: 96 (192), 13: 192 (384),  5: 192 (768 first, then 384)  1x1 conv, stride 2
+    dw_v2    96    as dw_v1                                                   2x2 max pool, 1x1 conv
 
 The first block of each stage has stride 2. The paper's abstract gives 1.3M parameters and 146M
-multiply-adds for the mobile variants and 4.2M parameters and 526M multiply-adds for the DW variants;
-the accuracy table is an image in the paper, so no LFW figure is recorded here.
+multiply-adds for the mobile variants and 4.2M parameters and 526M multiply-adds for the DW variants (see
+the note above the registrations for how this build compares). The author's README gives accuracies only as
+images and the paper's tables were not available to the tools this module was written with, so no LFW figure
+is recorded here.
 
 Two deliberate departures from the author's code, both for mobile converters:
-  * The code's `h_swish` is x * sigmoid(x) (swish) despite its name; the paper describes h-swish, which is
-    used here as `nn.Hardswish` (a fused op in TFLite, Core ML and XNNPACK).
+  * The code's `h_swish` computes x * sigmoid(x) (swish) despite its name; this module uses the
+    piecewise-linear h-swish of MobileNetV3 (`nn.Hardswish`), which the converters map to one fused op.
   * The squeeze-and-excitation gate uses `nn.Hardsigmoid` instead of the code's sigmoid, as MobileNetV3 does.
 The embedding is 128-D (the code defaults to 512) and is returned un-normalised; the factory's deployed graph
 normalises it.
@@ -37,6 +39,7 @@ normalises it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -90,6 +93,10 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.reshape(batch, channels, height, width)
 
 
+# Shortcut of the stride-2 blocks (stride-1 blocks add their input).
+Shortcut = Literal["none", "conv", "pool_conv"]
+
+
 @dataclass(frozen=True)
 class SeesawVariant:
     """What distinguishes the four published networks.
@@ -105,7 +112,7 @@ class SeesawVariant:
     stem: int
     stages: tuple[tuple[int, int, int, int], ...]
     shuffle: bool
-    shortcut: str
+    shortcut: Shortcut
 
 
 MOBILE_STAGES = ((64, 128, 128, 5), (128, 256, 256, 7), (128, 512, 256, 3))
@@ -133,7 +140,7 @@ class SeesawBlock(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, hidden: int, stride: int, shuffle: bool, shortcut: str
+        self, in_channels: int, out_channels: int, hidden: int, stride: int, shuffle: bool, shortcut: Shortcut
     ) -> None:
         super().__init__()
         self.in_small = in_channels // 4
@@ -222,9 +229,10 @@ class SeesawFaceNet(nn.Module):
         return self.embedding(self.gdc(self.features(x)))
 
 
-# The abstract's figures, for the author's 512-D embedding. MACs match to 0.3%. "1.3M" is rounded to two
-# digits; the author's layers count 1.370M parameters with batch norm and PReLU (1.349M convolution and linear
-# weights alone), 5.4% above it, so the mobile variants' parameter check is 6% (the DW variants' 1.1% passes 3%).
+# The abstract's figures, checked at the author's 512-D embedding: MACs 145.8M and 526.5M (within 0.3%);
+# parameters 4.247M for DW (1.1% over "4.2M") but 1.370M for the mobile variants, 5.4% over "1.3M" (1.349M
+# counting convolution and linear weights without batch norm and PReLU), so their parameter check allows 6%.
+# The registered 128-D builds have 1.173M / 145.6M (mobile) and 4.050M / 526.3M (DW).
 _PAPER = "arXiv 1908.09124"
 _AT_PAPER_EMBEDDING = {"embedding_size": 512}
 _MOBILE = {"paper_numbers": {"params_m": 1.3, "macs_m": 146.0}, "tolerance": {"params_m": 0.06, "macs_m": 0.03}}
