@@ -268,6 +268,8 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
         "model": {
             "architecture": recipe.model.architecture, "paper": entry_info.paper,
             "paper_numbers": entry_info.paper_numbers,
+            # Builder settings the paper's figures hold for, where they differ from this build's defaults.
+            "paper_numbers_at": entry_info.paper_kwargs,
             "params": count_parameters(backbone),
             "macs": count_macs(backbone, (1, 3, spec.size, spec.size)),
             "weights_sha256": sha256_of(recipe.resolve(recipe.weights.path)),

@@ -37,8 +37,10 @@ def _list(_args: argparse.Namespace) -> int:
     print("models:")
     for name in model_names():
         entry = model_entry(name)
-        numbers = ", ".join(f"{k}={v}" for k, v in entry.paper_numbers.items())
-        print(f"  {name:<16} {entry.paper:<20} paper: {numbers}")
+        numbers = ", ".join(f"{k}={v}" for k, v in entry.paper_numbers.items()) or "none quoted"
+        if entry.paper_kwargs:  # the paper's figures describe another build than the default one
+            numbers += " (at " + ", ".join(f"{k}={v}" for k, v in entry.paper_kwargs.items()) + ")"
+        print(f"  {name:<22} {entry.paper:<20} paper: {numbers}")
     print("targets:")
     for name in target_names():
         target = get_target(name)

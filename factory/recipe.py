@@ -20,6 +20,7 @@ from factory.errors import FactoryError
 
 Format = Literal["tflite", "executorch", "coreml"]
 Precision = Literal["fp32", "fp16", "int8"]
+Loss = Literal["arcface", "softmax", "triplet"]
 
 # int8 activation ranges from fewer real faces are unstable; recipes must opt in to go below this.
 MIN_CALIBRATION_FACES = 300
@@ -76,7 +77,11 @@ class WeightsConfig:
 
 @dataclass
 class TrainConfig:
-    """How to train the model with an ArcFace head on a `path<TAB>label` split."""
+    """How to train the model on a `path<TAB>label` split.
+
+    `loss` picks the objective: an ArcFace head (`arcface_*` settings), a plain softmax classifier, or the
+    triplet loss with margin `triplet_margin` on batches of batch_size / 2 identities x 2 images.
+    """
 
     split: str
     epochs: int = 20
@@ -90,6 +95,8 @@ class TrainConfig:
     seed: int = 0
     # Train on this seeded share of the split's identities (all their images); < 1 for learning curves.
     identity_fraction: float = 1.0
+    loss: Loss = "arcface"
+    triplet_margin: float = 0.2
 
 
 @dataclass
@@ -336,6 +343,11 @@ def _check_rules(recipe: Recipe, problems: list[str]) -> None:
                 problems.append(f"train.{name}: must be positive")
         if not 0.0 < recipe.train.identity_fraction <= 1.0:
             problems.append(f"train.identity_fraction: a fraction in (0, 1], got {recipe.train.identity_fraction}")
+        if recipe.train.triplet_margin <= 0.0:
+            problems.append(f"train.triplet_margin: must be positive, got {recipe.train.triplet_margin}")
+        if recipe.train.loss == "triplet" and (recipe.train.batch_size < 4 or recipe.train.batch_size % 2):
+            problems.append(f"train.batch_size: the triplet loss takes 2 images of each of batch_size / 2 "
+                            f"identities, so it must be even and at least 4, got {recipe.train.batch_size}")
     checks = [
         ("data.root", recipe.data.root, "dir"),
         ("data.calibration.split", str(Path(recipe.data.root) / calibration.split), "file"),

@@ -31,6 +31,8 @@ def render_markdown(report: dict[str, Any], figures: dict[str, str] | None = Non
     thread_keys = sorted({k for a in artifacts if a["latency_ms"] for k in a["latency_ms"]}
                          | {k for rows in report["peers"].values() for k in rows}, key=lambda k: int(k.split("_")[0]))
     paper = model["paper_numbers"]
+    paper_at = model.get("paper_numbers_at") or {}
+    at = " at " + ", ".join(f"{k}={v}" for k, v in paper_at.items()) if paper_at else ""
     lines = [
         f"# {report['recipe']} — model card",
         "",
@@ -42,7 +44,7 @@ def render_markdown(report: dict[str, Any], figures: dict[str, str] | None = Non
         "",
         f"- Architecture: `{model['architecture']}` ({model['paper']}).",
         f"- Parameters: {model['params'] / 1e6:.3f} M (paper {paper.get('params_m', '—')} M); "
-        f"multiply-adds: {model['macs'] / 1e6:.1f} M (paper {paper.get('macs_m', '—')} M).",
+        f"multiply-adds: {model['macs'] / 1e6:.1f} M (paper {paper.get('macs_m', '—')} M){at}.",
         f"- Weights sha256: `{model['weights_sha256']}`.",
         "",
         "## Input and output (all artifacts)",

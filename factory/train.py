@@ -1,8 +1,10 @@
-"""Training a face embedding model with an additive angular margin (ArcFace) head.
+"""Training a face embedding model with an additive angular margin (ArcFace) head, or another loss.
 
 ArcFace: Deng, Guo, Xue, Zafeiriou, "ArcFace: Additive Angular Margin Loss for Deep Face
-Recognition", CVPR 2019. Checkpoints are safetensors files (model, head and optimiser state) with
-the step counters in the file's metadata, so resuming never unpickles anything.
+Recognition", CVPR 2019. `train.loss` picks ArcFace (default), plain softmax cross-entropy, or the triplet
+loss with online semi-hard selection on P identities x 2 images batches (`factory.losses`).
+Checkpoints are safetensors files (model, head and optimiser state) with the step counters in the
+file's metadata, so resuming never unpickles anything.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from tqdm import tqdm
 from factory.data import load_images, read_split, to_input_tensor
 from factory.errors import FactoryError
 from factory.io import atomic_path
+from factory.losses import SoftmaxHead, identity_pair_batches, triplet_loss, triplet_steps_per_epoch
 from factory.models import create_model
-from factory.recipe import Recipe, data_path
+from factory.recipe import Recipe, TrainConfig, data_path
 from factory.weights import save_weights
 
 
@@ -113,6 +116,27 @@ def _load_checkpoint(path: Path, model: nn.Module, head: nn.Module, optimizer: t
     return meta
 
 
+def _make_head(cfg: TrainConfig, embedding_size: int, num_classes: int) -> nn.Module:
+    """The classifier trained with the model; the triplet loss has none (an empty module keeps checkpoints uniform)."""
+    if cfg.loss == "arcface":
+        return ArcFaceHead(embedding_size, num_classes, cfg.arcface_scale, cfg.arcface_margin)
+    if cfg.loss == "softmax":
+        return SoftmaxHead(embedding_size, num_classes)
+    return nn.Identity()
+
+
+def _same_settings(saved: dict | None, cfg: TrainConfig) -> bool:
+    """Whether a checkpoint's training settings are `cfg`'s.
+
+    Settings added to `TrainConfig` after the checkpoint was written count as equal while at their defaults,
+    so checkpoints from before the `loss` setting still resume.
+    """
+    if saved is None:
+        return False
+    current, defaults = asdict(cfg), asdict(TrainConfig(split=cfg.split))
+    return {key: value for key, value in current.items() if key in saved or value != defaults[key]} == saved
+
+
 def train(
     recipe: Recipe,
     output: Path,
@@ -156,7 +180,7 @@ def train(
     # channels_last roughly doubles CPU training speed of the depthwise-heavy network.
     model = create_model(recipe.model.architecture, **recipe.model.builder_kwargs())
     model = model.to(device, memory_format=torch.channels_last)
-    head = ArcFaceHead(recipe.model.embedding_size, len(labels_text), cfg.arcface_scale, cfg.arcface_margin).to(device)
+    head = _make_head(cfg, recipe.model.embedding_size, len(labels_text)).to(device)
     decay, no_decay = [], []
     for _name, param in list(model.named_parameters()) + list(head.named_parameters()):
         (no_decay if param.ndim <= 1 else decay).append(param)
@@ -164,13 +188,16 @@ def train(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.learning_rate, momentum=0.9, nesterov=True,
     )
-    steps_per_epoch = len(items) // cfg.batch_size
+    if cfg.loss == "triplet":
+        steps_per_epoch = triplet_steps_per_epoch(labels, cfg.batch_size // 2)
+    else:
+        steps_per_epoch = len(items) // cfg.batch_size
     total_steps = steps_per_epoch * cfg.epochs
     checkpoint = output.parent / f"{output.stem}.ckpt" / "last.safetensors"
     start_epoch, history = 0, []
     if checkpoint.is_file():
         meta = _load_checkpoint(checkpoint, model, head, optimizer)
-        if meta.get("train_config") != asdict(cfg):
+        if not _same_settings(meta.get("train_config"), cfg):
             raise FactoryError(
                 f"checkpoint {checkpoint} was made with other training settings; delete it to start over"
             )
@@ -180,7 +207,11 @@ def train(
     started = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
     for epoch in range(start_epoch, cfg.epochs):
         rng = np.random.default_rng(cfg.seed + epoch)
-        order = rng.permutation(len(items))
+        if cfg.loss == "triplet":
+            batches = identity_pair_batches(labels, cfg.batch_size // 2, rng)
+        else:
+            order = rng.permutation(len(items))
+            batches = [order[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(steps_per_epoch)]
         model.train()
         head.train()
         running, seen = 0.0, 0
@@ -189,12 +220,15 @@ def train(
             step = epoch * steps_per_epoch + batch_index
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(step, total_steps, cfg.warmup_steps, cfg.learning_rate)
-            index = order[batch_index * cfg.batch_size : (batch_index + 1) * cfg.batch_size]
+            index = batches[batch_index]
             batch = _augment(images[index], rng, cfg.max_shift)
             x = torch.from_numpy(to_input_tensor(batch, spec.mean, spec.std, "NCHW", spec.color_order))
             x = x.to(device, memory_format=torch.channels_last)
             y = torch.from_numpy(labels[index]).to(device)
-            loss = F.cross_entropy(head(model(x), y), y)
+            if cfg.loss == "triplet":
+                loss = triplet_loss(model(x), y, cfg.triplet_margin)
+            else:
+                loss = F.cross_entropy(head(model(x), y), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -9,6 +9,9 @@ from torch import nn
 
 from factory.errors import FactoryError
 
+# Exact layer tables reproduce a paper's params and MACs to about 1%; 2% leaves room for counting conventions.
+DEFAULT_TOLERANCE = 0.02
+
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -19,26 +22,43 @@ class ModelEntry:
         builder: Callable returning an `nn.Module` that maps an NCHW image batch to embeddings.
         paper: Citation of the paper the architecture follows.
         paper_numbers: Published figures (params_m, macs_m, lfw_accuracy, ...) for comparison.
+        paper_kwargs: Builder keyword arguments under which `paper_numbers` hold, where the paper's network
+            differs from the factory's default build (e.g. a 512-D embedding instead of 128-D).
+        tolerance: Relative deviation from each of `paper_numbers` that the tests accept (default
+            `DEFAULT_TOLERANCE`); wider where a paper prints rounded figures such as "1.3M".
     """
 
     name: str
     builder: Callable[..., nn.Module]
     paper: str
     paper_numbers: dict[str, float] = field(default_factory=dict)
+    paper_kwargs: dict[str, object] = field(default_factory=dict)
+    tolerance: dict[str, float] = field(default_factory=dict)
+
+    def tolerance_of(self, key: str) -> float:
+        """Accepted relative deviation from `paper_numbers[key]`."""
+        return self.tolerance.get(key, DEFAULT_TOLERANCE)
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
 def register_model(
-    name: str, *, paper: str, paper_numbers: dict[str, float] | None = None
+    name: str,
+    *,
+    paper: str,
+    paper_numbers: dict[str, float] | None = None,
+    paper_kwargs: dict[str, object] | None = None,
+    tolerance: dict[str, float] | None = None,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator adding a model builder to the registry under `name`."""
+    """Decorator adding a model builder to the registry under `name` (see `ModelEntry` for the fields)."""
 
     def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
-        _REGISTRY[name] = ModelEntry(name, builder, paper, dict(paper_numbers or {}))
+        _REGISTRY[name] = ModelEntry(
+            name, builder, paper, dict(paper_numbers or {}), dict(paper_kwargs or {}), dict(tolerance or {})
+        )
         return builder
 
     return decorate
