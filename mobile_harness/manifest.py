@@ -6,8 +6,11 @@ import hashlib
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 class BuildFolderError(Exception):
@@ -41,6 +44,50 @@ def load_manifest(build_dir: Path) -> dict[str, Any]:
         if _sha256(path) != artifact["sha256"]:
             raise BuildFolderError(f"{path} does not match its sha256 in the manifest (changed or corrupt); rebuild")
     return manifest
+
+
+@dataclass
+class Golden:
+    """The build's golden faces: preprocessed inputs per layout, reference embeddings, pairs among them.
+
+    Attributes:
+        faces: Number of faces.
+        inputs: Input file per layout ("NCHW", "NHWC"), raw float32 in [0, 255].
+        reference: Reference embeddings, shape (faces, embedding size).
+        pairs: [index_a, index_b, same] pairs among the faces, for decision flips.
+        threshold: The reference's decision threshold on cosine similarity.
+    """
+
+    faces: int
+    inputs: dict[str, Path]
+    reference: np.ndarray
+    pairs: list[list[int]]
+    threshold: float
+
+
+def load_golden(build_dir: Path, manifest: dict[str, Any]) -> Golden:
+    """The golden set the manifest lists, every file checked by sha256 and size against its shape."""
+    golden = manifest.get("golden")
+    if not golden:
+        raise BuildFolderError(f"{build_dir}/manifest.json lists no golden faces (key `golden`); rebuild with a "
+                               "factory that writes them (`python -m factory build RECIPE`)")
+    files = {**{f"inputs {layout}": entry for layout, entry in golden["inputs"].items()},
+             "reference": golden["reference"]}
+    for label, entry in files.items():
+        path = build_dir / entry["file"]
+        if not path.is_file():
+            raise BuildFolderError(f"{path} (golden {label}) is listed in the manifest but missing; rebuild")
+        expected_bytes = 4 * int(np.prod(entry["shape"]))
+        if path.stat().st_size != expected_bytes or _sha256(path) != entry["sha256"]:
+            raise BuildFolderError(f"{path} (golden {label}) does not match its sha256/shape in the manifest; rebuild")
+    reference = np.fromfile(build_dir / golden["reference"]["file"], dtype=np.float32)
+    return Golden(
+        faces=int(golden["faces"]),
+        inputs={layout: build_dir / entry["file"] for layout, entry in golden["inputs"].items()},
+        reference=reference.reshape(golden["reference"]["shape"]),
+        pairs=golden["pairs"],
+        threshold=float(golden["threshold"]),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
