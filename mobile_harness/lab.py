@@ -325,8 +325,10 @@ class DeviceRun:
             # The parity loop's shell too (script.pid), or it would start the next face.
             killed = self.device.shell(f"cd {self.remote} && kill -9 $(cat script.pid {tool}.pid 2>/dev/null)",
                                        timeout=30)
+            # adbd may already have ended it when the client went away; then kill finds nothing.
+            ending = "killed it" if killed.exit_code == 0 else "it had already ended with the adb session"
             raise DeviceFailure("run", f"{tool} hung on {label}: no result within {self.options.runner_timeout_s:g} s; "
-                                f"killed it (kill exit {killed.exit_code})") from None
+                                f"{ending}") from None
         if result.exit_code != 0:
             details = {"exit_code": result.exit_code, "output_tail": result.output[-2000:],
                        "logcat_tail": self.device.shell("logcat -d -t 60", timeout=60).output[-4000:]}

@@ -99,3 +99,104 @@ def test_two_phones_in_parallel_measure_parity_and_latency(lab: PhoneLab, build:
         assert result["cleanup"].startswith("removed /data/local/tmp/mobile_harness/")
         assert remote_leftovers(phone) == []
         assert any(c.startswith("sha256sum /data/local/tmp/mobile_harness/") for c in phone.commands)
+
+
+def processes_in(folder: Path) -> list[int]:
+    """Host processes whose working directory is inside a simulated phone (its runners)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(Path(proc / "cwd").resolve()).startswith(str(folder)):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_unauthorized_offline_and_absent_phones_fail_alone(lab: PhoneLab, build: Path) -> None:
+    healthy = lab.add()
+    unauthorized = lab.add(Faults(unauthorized=True), expect_state="unauthorized")
+    offline = lab.add(Faults(offline=True), expect_state="offline")
+    results = run(lab, build, options(lab), [healthy.serial, unauthorized.serial, offline.serial, "R58M123ABC"])
+    assert results[healthy.serial]["status"] == "ok"
+    assert "unauthorized" in results[unauthorized.serial]["reason"]
+    assert "Allow USB debugging" in results[unauthorized.serial]["reason"]
+    assert results[offline.serial]["reason"].startswith("offline")
+    assert "not connected" in results["R58M123ABC"]["reason"]
+    for serial in (unauthorized.serial, offline.serial, "R58M123ABC"):
+        assert results[serial]["status"] == "failed" and results[serial]["failed_stage"] == "connect"
+
+
+def test_phone_vanishing_mid_run_keeps_what_was_measured(lab: PhoneLab, build: Path) -> None:
+    phone = lab.add(Faults(vanish_on_command="parity_tiny_fp32.sh"))
+    result = run(lab, build, options(lab, reconnect_wait_s=2))[phone.serial]
+    # The phone goes as the parity script's checksum is asked for.
+    assert result["status"] == "failed" and result["failed_stage"] == "push"
+    assert "did not come back" in result["reason"]
+    tflite, pte = result["artifacts"][0], result["artifacts"][1]
+    assert tflite["status"] == "ok" and tflite["parity"]["cosine_mean"] > 0.9999 and tflite["latency"]
+    assert pte["status"] == "failed" and pte["reason"] == result["reason"]
+    assert "could not remove" in result["cleanup"]
+
+
+def test_push_survives_one_dropped_connection(lab: PhoneLab, build: Path) -> None:
+    phone = lab.add(Faults(drop_pushes=1))
+    result = run(lab, build, options(lab))[phone.serial]
+    assert phone.pushes_dropped == 1
+    assert result["status"] == "ok", result["reason"]
+
+
+def test_push_that_keeps_failing_fails_that_phone_only(lab: PhoneLab, build: Path) -> None:
+    flaky, healthy = lab.add(Faults(drop_pushes=100)), lab.add()
+    results = run(lab, build, options(lab, push_retries=2, reconnect_wait_s=5))
+    assert results[healthy.serial]["status"] == "ok"
+    flaky_result = results[flaky.serial]
+    assert flaky_result["status"] == "failed" and flaky_result["failed_stage"] == "push"
+    assert "failed 2 times" in flaky_result["reason"] and flaky.pushes_dropped == 2
+    assert flaky_result["cleanup"].startswith("removed") and remote_leftovers(flaky) == []
+
+
+def test_hung_runner_is_timed_out_and_killed(lab: PhoneLab, build: Path) -> None:
+    phone = lab.add(Faults(hang=["executor_runner"]))
+    result = run(lab, build, options(lab, runner_timeout_s=4))[phone.serial]
+    assert result["status"] == "failed" and "executor_runner hung on tiny_fp32.pte" in result["reason"]
+    assert result["artifacts"][0]["status"] == "ok", "the .tflite results measured before the hang are kept"
+    assert processes_in(phone.root) == [] and remote_leftovers(phone) == []
+
+
+def test_crashing_runner_reports_exit_code_output_and_logcat(lab: PhoneLab, build: Path) -> None:
+    phone = lab.add(Faults(crash=["benchmark_model"]))
+    result = run(lab, build, options(lab))[phone.serial]
+    assert result["status"] == "failed" and "benchmark_model failed" in result["reason"]
+    assert "exit 139, killed by signal 11" in result["reason"]
+    details = result["failure_details"]
+    assert details["exit_code"] == 139 and "loading model" in details["output_tail"]
+    assert "Fatal signal 11 (SIGSEGV)" in details["logcat_tail"]
+    tflite = result["artifacts"][0]
+    assert tflite["status"] == "failed" and tflite["parity"]["faces"] == GOLDEN_FACES, "parity ran before the crash"
+    assert remote_leftovers(phone) == []
+
+
+def test_full_storage_fails_before_pushing(lab: PhoneLab, build: Path) -> None:
+    phone = lab.add(Faults(free_kb=64))
+    result = run(lab, build, options(lab))[phone.serial]
+    assert result["failed_stage"] == "storage" and "64 KiB free" in result["reason"]
+    assert not any(c.startswith("sha256sum") for c in phone.commands)
+
+
+def test_missing_kit_binary_says_how_to_get_it(lab: PhoneLab, build: Path, tmp_path: Path) -> None:
+    phone = lab.add()
+    (lab.kit / "arm64-v8a" / "executor_runner").unlink()
+    result = run(lab, build, options(lab))[phone.serial]
+    assert result["failed_stage"] == "kit"
+    assert "executor_runner is missing" in result["reason"] and "build_kit.sh executor_runner arm64-v8a" in result["reason"]
+    other_abi = run(lab, build, options(lab, kit=tmp_path / "empty_kit"))[phone.serial]
+    assert "benchmark_model is missing" in other_abi["reason"] and "android_aarch64_benchmark_model" in other_abi["reason"]
+
+
+def test_hot_phone_cools_down_before_measuring(lab: PhoneLab, build: Path) -> None:
+    phone = lab.add(Faults(battery_temp_tenths=452, cool_after_reads=3))
+    result = run(lab, build, options(lab, cool_down_above_c=40, cool_down_poll_s=0.1))[phone.serial]
+    before = result["thermal"]["before"]
+    assert before["battery_c"] == 25.0 and before["still_hot"] is False and before["cool_down_s"] >= 0.2
+    assert result["status"] == "ok"

@@ -53,8 +53,8 @@ class Faults:
         unauthorized: Answer CNXN with AUTH and never accept a key (the "Allow USB debugging?"
             prompt was never confirmed).
         offline: Accept the TCP connection but never answer CNXN.
-        vanish_after_commands: Drop the connection and stop listening after this many shell
-            commands (the cable was pulled).
+        vanish_on_command: Drop the connection and stop listening when a shell command contains
+            this text (the cable was pulled).
         drop_pushes: Drop the connection in the middle of this many SEND transfers, then accept
             reconnection (a flaky cable or hub).
         free_kb: Free space `df` reports and SEND enforces, in KiB (None: plenty).
@@ -66,7 +66,7 @@ class Faults:
 
     unauthorized: bool = False
     offline: bool = False
-    vanish_after_commands: int | None = None
+    vanish_on_command: str | None = None
     drop_pushes: int = 0
     free_kb: int | None = None
     hang: list[str] = field(default_factory=list)
@@ -327,9 +327,7 @@ class SimulatedDevice:
     def shell(self, stream: Stream, command: str) -> None:
         with self.lock:
             self.commands.append(command)
-            count = len(self.commands)
-        limit = self.faults.vanish_after_commands
-        if limit is not None and count > limit:
+        if self.faults.vanish_on_command and self.faults.vanish_on_command in command:
             self.vanish()
             return
         env = {**os.environ, "PATH": f"{FAKE_TOOLS}:{os.environ['PATH']}", "SIM_ROOT": str(self.root),
