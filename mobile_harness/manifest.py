@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,18 +87,3 @@ def load_golden(build_dir: Path, manifest: dict[str, Any]) -> Golden:
         threshold=float(golden["threshold"]),
     )
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1:
-        print("usage: python -m mobile_harness BUILD_DIR   (device runs are not implemented yet)", file=sys.stderr)
-        return 2
-    try:
-        manifest = load_manifest(Path(args[0]))
-    except BuildFolderError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    for artifact in manifest["artifacts"]:
-        print(f"{artifact['file']}: {artifact['format']} {artifact['precision']}, {artifact['bytes']} bytes, sha256 ok")
-    print("device runs over adb are not implemented yet (issue: the device lab)")
-    return 0

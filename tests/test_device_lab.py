@@ -7,6 +7,7 @@ port that is killed afterwards. Runner stand-ins compute real outputs with the h
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,8 @@ from adb_sim.lab import GOLDEN_FACES, PhoneLab, make_tiny_build, phone_lab
 from adb_sim.runtimes import RuntimeService
 from adb_sim.sim import Faults
 
+from mobile_harness.adb import Adb
+from mobile_harness.cli import main
 from mobile_harness.lab import LabOptions, result_path, run_lab
 
 pytestmark = pytest.mark.skipif(shutil.which("adb") is None,
@@ -200,3 +203,54 @@ def test_hot_phone_cools_down_before_measuring(lab: PhoneLab, build: Path) -> No
     before = result["thermal"]["before"]
     assert before["battery_c"] == 25.0 and before["still_hot"] is False and before["cool_down_s"] >= 0.2
     assert result["status"] == "ok"
+
+
+def test_cli_lists_devices_runs_and_writes_the_device_report(lab: PhoneLab, build: Path, capsys) -> None:
+    phone = lab.add()
+    lab.add(Faults(unauthorized=True), expect_state="unauthorized")
+    port = ["--adb-port", str(lab.adb.port)]
+    assert main(["devices", *port]) == 0
+    listing = capsys.readouterr().out
+    assert phone.serial in listing and "Pixel Sim" in listing and "Tensor G-sim" in listing
+    assert "arm64-v8a" in listing and "unauthorized" in listing
+    free_mib = str(73_689_792 // 1024)
+    assert free_mib in listing
+
+    code = main(["run", str(build), "--device", phone.serial, "--kit", str(lab.kit), "--runs", "50", "--warmup", "2",
+                 "--threads", "1,2", *port])
+    assert code == 0, capsys.readouterr()
+    report = (build / "devices.md").read_text()
+    assert f"## {phone.serial} — Pixel Sim (Tensor G-sim)" in report and "**Status: ok**" in report
+    assert "| tiny_fp32.pte | xnnpack (in .pte) | 2 |" in report
+    assert "cosine_mean >= 0.9999: pass" in report
+    plot = build / "devices" / phone.serial.replace(":", "_") / "latency.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["run", str(build), "--device", "R58M123ABC", "--kit", str(lab.kit), *port]) == 1
+    assert main(["report", str(build)]) == 0
+    assert "| R58M123ABC | – | – | failed |" in (build / "devices.md").read_text()
+
+
+def test_cli_refuses_bad_settings_with_what_to_use(build: Path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["run", str(build), "--all", "--delegate", "tpu"])
+    assert "choose from xnnpack, cpu, gpu, nnapi" in capsys.readouterr().err
+    assert main(["run", str(build), "--all", "--adb", "/nonexistent/adb"]) == 2
+    assert "apt-get install -y adb" in capsys.readouterr().err
+
+
+@pytest.mark.device
+def test_real_phone_runs_the_same_flow(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """With a phone attached (and a runner kit in $MOBILE_HARNESS_KIT), the same flow on real hardware."""
+    adb = Adb()
+    serials = [e.serial for e in adb.devices() if e.state == "device"]
+    if not serials:
+        pytest.skip("no Android phone attached (`adb devices` lists none in state `device`)")
+    kit = Path(os.environ.get("MOBILE_HARNESS_KIT", "kit"))
+    build = Path(shutil.copytree(request.getfixturevalue("tiny_build"), tmp_path / "build"))
+    results = run_lab(adb, build, serials[:1], False, LabOptions(kit=kit, threads=[1]), "pytest -m device", print)
+    result = results[serials[0]]
+    assert result["status"] == "ok", result["reason"]
+    for artifact in result["artifacts"]:
+        if artifact["status"] != "skipped":
+            assert artifact["parity"]["cosine_mean"] > 0.999
+            assert all(row["median_ms"] > 0 for row in artifact["latency"] if row["status"] == "ok")
