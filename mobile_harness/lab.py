@@ -408,7 +408,8 @@ class DeviceRun:
             self.device.pull(f"{self.remote}/{remote_name}", local)
             data = np.fromfile(local, dtype=np.float32)
         if data.size != self.golden.faces * width:
-            raise DeviceFailure("run", f"{remote_name} holds {data.size} floats, expected {self.golden.faces} x {width}")
+            raise DeviceFailure("run", f"{remote_name} holds {data.size} floats, expected "
+                                f"{self.golden.faces} x {width}")
         return data.reshape(self.golden.faces, width)
 
     def latency_row(self, artifact: dict[str, Any], delegate: str, threads: int) -> dict[str, Any]:
@@ -501,7 +502,7 @@ def run_lab(adb: Adb, build_dir: Path, serials: list[str] | None, all_devices: b
         run = DeviceRun(adb, serial, build_dir, manifest, golden, options, command, locked_print)
         try:
             return run.run()
-        except Exception as error:  # noqa: BLE001 - one phone's bug must not stop the others
+        except Exception as error:  # one phone's bug must not stop the others
             run.fail("harness", f"{type(error).__name__}: {error}")
             run.result["finished"] = _now()
             run.save()

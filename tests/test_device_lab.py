@@ -21,9 +21,6 @@ from mobile_harness.adb import Adb
 from mobile_harness.cli import main
 from mobile_harness.lab import LabOptions, result_path, run_lab
 
-pytestmark = pytest.mark.skipif(shutil.which("adb") is None,
-                                reason="needs the adb client: `apt-get install -y adb` (make test installs it)")
-
 
 @pytest.fixture(scope="module")
 def tiny_build(tiny_backbone, tmp_path_factory) -> Path:
@@ -45,6 +42,9 @@ def runtime(tmp_path_factory) -> Iterator[RuntimeService]:
 
 @pytest.fixture
 def lab(tmp_path: Path, runtime: RuntimeService) -> Iterator[PhoneLab]:
+    if shutil.which("adb") is None:
+        pytest.fail("the adb client is not installed: `apt-get install -y adb` (`make test` installs it)",
+                    pytrace=False)
     with phone_lab(tmp_path / "lab", runtime) as phone_lab_:
         yield phone_lab_
 
@@ -192,9 +192,11 @@ def test_missing_kit_binary_says_how_to_get_it(lab: PhoneLab, build: Path, tmp_p
     (lab.kit / "arm64-v8a" / "executor_runner").unlink()
     result = run(lab, build, options(lab))[phone.serial]
     assert result["failed_stage"] == "kit"
-    assert "executor_runner is missing" in result["reason"] and "build_kit.sh executor_runner arm64-v8a" in result["reason"]
+    assert "executor_runner is missing" in result["reason"]
+    assert "build_kit.sh executor_runner arm64-v8a" in result["reason"]
     other_abi = run(lab, build, options(lab, kit=tmp_path / "empty_kit"))[phone.serial]
-    assert "benchmark_model is missing" in other_abi["reason"] and "android_aarch64_benchmark_model" in other_abi["reason"]
+    assert "benchmark_model is missing" in other_abi["reason"]
+    assert "android_aarch64_benchmark_model" in other_abi["reason"]
 
 
 def test_hot_phone_cools_down_before_measuring(lab: PhoneLab, build: Path) -> None:

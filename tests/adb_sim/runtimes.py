@@ -59,7 +59,7 @@ def stat_line(samples_us: list[int]) -> str:
     if len(set(samples_us)) == 1:
         return f"count={len(values)} curr={values[-1]}" + ("(all same)" if len(values) > 1 else "")
     return (f"count={len(values)} first={values[0]} curr={values[-1]} min={values.min()} max={values.max()} "
-            f"avg={values.mean():g} std={int(round(values.std()))}")
+            f"avg={values.mean():g} std={round(values.std())}")
 
 
 class TFLiteModel:
@@ -96,7 +96,8 @@ def benchmark_model(argv: list[str], cwd: Path, out: TextIO, err: TextIO) -> int
         return 1
     if as_bool(flags["use_gpu"]) or as_bool(flags["use_nnapi"]):
         # The simulated phone has no GPU or NPU driver; real phones without one answer the same way.
-        print("ERROR: Failed to apply the delegate: not supported on this device.\nERROR: Benchmarking failed.", file=out)
+        print("ERROR: Failed to apply the delegate: not supported on this device.\nERROR: Benchmarking failed.",
+              file=out)
         return 1
     threads = int(flags["num_threads"])
     start = time.perf_counter_ns()
@@ -104,7 +105,8 @@ def benchmark_model(argv: list[str], cwd: Path, out: TextIO, err: TextIO) -> int
     init_us = (time.perf_counter_ns() - start) // 1000
     if as_bool(flags["use_xnnpack"]):
         print("INFO: Created TensorFlow Lite XNNPACK delegate for CPU.", file=out)
-    print(f"INFO: Loaded model {flags['graph']}\nINFO: The input model file size (MB): {graph.stat().st_size / 1e6:g}", file=out)
+    print(f"INFO: Loaded model {flags['graph']}\nINFO: The input model file size (MB): {graph.stat().st_size / 1e6:g}",
+          file=out)
     print(f"INFO: Initialized session in {init_us / 1e3:g}ms.", file=out)
     x = np.random.default_rng(0).uniform(0, 255, model.input["shape"]).astype(np.float32)
     stats = []
@@ -229,7 +231,7 @@ class RuntimeService:
                 except FlagError as error:
                     print(f"ERROR: {error}", file=stderr)
                     code = 1
-                except Exception:  # noqa: BLE001 - a stand-in bug must reach the test as output, not a hang
+                except Exception:  # a stand-in bug must reach the test as output, not as a hang
                     stderr.write(traceback.format_exc())
                     code = 70
             reply = {"stdout": stdout.getvalue(), "stderr": stderr.getvalue(), "code": code}
