@@ -67,7 +67,7 @@ def write_golden(out: Path, evaluation: EvaluationSet, reference: np.ndarray, th
         "faces": len(images),
         "source": "evaluation (LFW) images, disjoint from the calibration faces; pixels in [0, 255], "
                   "preprocessed as every artifact expects",
-        "images": [str(Path(evaluation.paths[i]).name) for i in images],
+        "images": [f"{Path(evaluation.paths[i]).parent.name}/{Path(evaluation.paths[i]).name}" for i in images],
         "inputs": {"NCHW": entries["NCHW"], "NHWC": entries["NHWC"]},
         "reference": {**entries["reference"], "computed_by": "PyTorch fp32 reference (the build's Embedder)"},
         "pairs": pairs,

@@ -122,9 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = "python -m mobile_harness " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
         results = run_lab(adb, args.build, args.device, args.all, options, command)
         report = write_device_report(args.build)
-        failed = [serial for serial, result in results.items() if result["status"] != "ok"]
-        print(f"{len(results) - len(failed)} of {len(results)} device(s) ok; results in {args.build / 'devices'}, "
-              f"report {report}")
+        failed = [serial for serial, result in results.items() if result["verdict"] != "pass"]
+        print(f"{len(results) - len(failed)} of {len(results)} device(s) passed; results in "
+              f"{args.build / 'devices'}, report {report}")
         return 1 if failed or not results else 0
     except (BuildFolderError, AdbError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -168,20 +168,28 @@ class DeviceRun:
             for artifact in self.manifest["artifacts"]:
                 self.run_artifact(artifact)
             self.result["thermal"]["after"] = self.thermal(cool_down=False)
-            failed = [a["file"] for a in self.result["artifacts"] if a["status"] == "failed"]
-            self.result["status"] = "failed" if failed else "ok"
-            if failed:
-                self.result["reason"] = f"artifact(s) failed: {', '.join(failed)}"
+            self.result["status"] = "ok"
         except DeviceFailure as failure:
             self.fail(failure.stage, failure.reason, failure.details)
         except (AdbError, OSError) as error:
             self.fail(self.current_stage(), f"{type(error).__name__}: {error}")
         finally:
+            if self.result["thermal"] and "after" not in self.result["thermal"]:
+                # A failed run still says how hot the phone was when it stopped, if the phone answers.
+                try:
+                    self.result["thermal"]["after"] = self.read_thermal()
+                except AdbError:
+                    self.result["thermal"]["after"] = None
             if created:
                 self.cleanup()
             self.result["finished"] = _now()
+            gate_failures = [a["file"] for a in self.result["artifacts"] if a["status"] == "gate failed"]
+            # pass: the phone ran everything and every artifact met the recipe's gates on it.
+            self.result["verdict"] = "pass" if self.result["status"] == "ok" and not gate_failures else "fail"
+            self.result["gate_failures"] = gate_failures
             self.save()
-        self.say(f"{self.result['status']}" + (f": {self.result['reason']}" if self.result["reason"] else ""))
+        self.say(f"{self.result['status']}, verdict {self.result['verdict']}"
+                 + (f": {self.result['reason']}" if self.result["reason"] else ""))
         return self.result
 
     def current_stage(self) -> str:
@@ -280,9 +288,9 @@ class DeviceRun:
         self.device.check_shell(" && ".join(f"chmod 755 {self.remote}/{name}" for name in binaries))
         self.say(f"pushed {len(files)} files to {self.remote}, sha256 checked on the phone")
 
-    def push_checked(self, local: Path, name: str | None = None) -> None:
+    def push_checked(self, local: Path) -> None:
         """Push `local` and compare the phone's sha256sum; retries through a dropped connection."""
-        remote = f"{self.remote}/{name or local.name}"
+        remote = f"{self.remote}/{local.name}"
         expected = _sha256(local)
         last_error = ""
         for attempt in range(1, self.options.push_retries + 1):
@@ -297,7 +305,7 @@ class DeviceRun:
                 if "No space left" in last_error:
                     raise DeviceFailure("push", f"storage full while pushing {local.name}: {last_error}") from None
             self.say(f"push of {local.name} failed (attempt {attempt}/{self.options.push_retries}): {last_error}")
-            if not self.reconnect():
+            if attempt < self.options.push_retries and not self.reconnect():
                 raise DeviceFailure("push", f"device disconnected while pushing {local.name} and did not come back "
                                     f"within {self.options.reconnect_wait_s:g} s: {last_error}")
         raise DeviceFailure("push", f"push of {local.name} failed {self.options.push_retries} times: {last_error}")
@@ -487,7 +495,7 @@ def run_lab(adb: Adb, build_dir: Path, serials: list[str] | None, all_devices: b
     usable, unusable = select_devices(adb, serials, all_devices)
     results: dict[str, dict[str, Any]] = {}
     for serial, reason in unusable.items():
-        result = {"serial": serial, "status": "failed", "failed_stage": "connect", "reason": reason,
+        result = {"serial": serial, "status": "failed", "verdict": "fail", "failed_stage": "connect", "reason": reason,
                   "started": _now(), "finished": _now(), "command": command, "artifacts": []}
         _write_json_atomic(result_path(build_dir, serial), result)
         printer(f"[{serial}] failed: {reason}")
@@ -504,7 +512,7 @@ def run_lab(adb: Adb, build_dir: Path, serials: list[str] | None, all_devices: b
             return run.run()
         except Exception as error:  # one phone's bug must not stop the others
             run.fail("harness", f"{type(error).__name__}: {error}")
-            run.result["finished"] = _now()
+            run.result.update(finished=_now(), verdict="fail")
             run.save()
             return run.result
 

@@ -63,8 +63,10 @@ def _device_section(result: dict[str, Any], plot: str | None) -> list[str]:
     title = f"## {result['serial']}" + (f" — {device['model']} ({device.get('soc')})" if device.get("model") else "")
     lines = [title, ""]
     status = result["status"]
-    lines.append(f"**Status: {status}**" + (f" at {result.get('failed_stage')}: {result['reason']}"
-                                              if status != "ok" else ""))
+    lines.append(f"**Status: {status}, verdict: {result.get('verdict')}**"
+                 + (f" — failed at {result.get('failed_stage')}: {result['reason']}" if status != "ok" else "")
+                 + (f" — gates failed on the phone: {', '.join(result['gate_failures'])}"
+                    if result.get("gate_failures") else ""))
     lines.append("")
     if device:
         lines.append(f"ABI {device.get('abi')}, Android {device.get('android')} (SDK {device.get('sdk')}), "
@@ -100,7 +102,7 @@ def _device_section(result: dict[str, Any], plot: str | None) -> list[str]:
             for row in artifact.get("latency", []):
                 if row["status"] != "ok":
                     lines.append(f"| {artifact['file']} | {row['delegate']} | {row['threads']} | "
-                                 f"{row['status']}: {row['reason'][:80]} ||||||")
+                                 f"{row['status']}: {(row['reason'] or '')[:80]} | – | – | – | – | – | – |")
                     continue
                 lines.append(f"| {artifact['file']} | {row['delegate']} | {row['threads']} | {_fmt(row['load_ms'])} | "
                              f"{_fmt(row['first_inference_ms'])} | {_fmt(row['median_ms'])} | {_fmt(row['p90_ms'])} | "
@@ -120,11 +122,11 @@ def write_device_report(build_dir: Path) -> Path:
              "golden faces with the build's reference embeddings; latency is per face, after warm-up.", ""]
     if not results:
         lines.append("No device results yet.")
-    lines += ["| device | model | SoC | status |", "|---|---|---|---|"]
+    lines += ["| device | model | SoC | status | verdict |", "|---|---|---|---|---|"]
     for result in results:
         device = result.get("device") or {}
         lines.append(f"| {result['serial']} | {device.get('model', '–')} | {device.get('soc', '–')} | "
-                     f"{result['status']} |")
+                     f"{result['status']} | {result.get('verdict', '–')} |")
     lines.append("")
     for result in results:
         plot = result_path(build_dir, result["serial"]).parent / "latency.png"

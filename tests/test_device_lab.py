@@ -74,7 +74,7 @@ def test_two_phones_in_parallel_measure_parity_and_latency(lab: PhoneLab, build:
     assert set(results) == {p.serial for p in phones}
     for phone in phones:
         result = results[phone.serial]
-        assert result["status"] == "ok", result
+        assert result["status"] == "ok" and result["verdict"] == "pass", result
         assert result["device"]["model"] == "Pixel Sim" and result["device"]["abi"] == "arm64-v8a"
         assert result["device"]["soc"] == "Tensor G-sim" and result["device"]["android"] == "14"
         by_file = {a["file"]: a for a in result["artifacts"]}
@@ -175,6 +175,7 @@ def test_crashing_runner_reports_exit_code_output_and_logcat(lab: PhoneLab, buil
     details = result["failure_details"]
     assert details["exit_code"] == 139 and "loading model" in details["output_tail"]
     assert "Fatal signal 11 (SIGSEGV)" in details["logcat_tail"]
+    assert result["thermal"]["after"]["battery_c"] == 30.1, "thermal state is logged after a failure too"
     tflite = result["artifacts"][0]
     assert tflite["status"] == "failed" and tflite["parity"]["faces"] == GOLDEN_FACES, "parity ran before the crash"
     assert remote_leftovers(phone) == []
@@ -185,6 +186,14 @@ def test_full_storage_fails_before_pushing(lab: PhoneLab, build: Path) -> None:
     result = run(lab, build, options(lab))[phone.serial]
     assert result["failed_stage"] == "storage" and "64 KiB free" in result["reason"]
     assert not any(c.startswith("sha256sum") for c in phone.commands)
+
+
+def test_storage_filling_up_during_the_push_fails_without_retrying(lab: PhoneLab, build: Path) -> None:
+    phone = lab.add(Faults(write_quota_kb=200))
+    result = run(lab, build, options(lab))[phone.serial]
+    assert result["failed_stage"] == "push" and "storage full while pushing" in result["reason"]
+    assert "No space left on device" in result["reason"] and phone.pushes_dropped == 0
+    assert result["cleanup"].startswith("removed") and remote_leftovers(phone) == []
 
 
 def test_missing_kit_binary_says_how_to_get_it(lab: PhoneLab, build: Path, tmp_path: Path) -> None:
@@ -222,14 +231,15 @@ def test_cli_lists_devices_runs_and_writes_the_device_report(lab: PhoneLab, buil
                  "--threads", "1,2", *port])
     assert code == 0, capsys.readouterr()
     report = (build / "devices.md").read_text()
-    assert f"## {phone.serial} — Pixel Sim (Tensor G-sim)" in report and "**Status: ok**" in report
+    assert f"## {phone.serial} — Pixel Sim (Tensor G-sim)" in report and "**Status: ok, verdict: pass**" in report
+    assert "| gpu |" not in report and "| tiny_fp32.tflite | xnnpack | 1 |" in report
     assert "| tiny_fp32.pte | xnnpack (in .pte) | 2 |" in report
     assert "cosine_mean >= 0.9999: pass" in report
     plot = build / "devices" / phone.serial.replace(":", "_") / "latency.png"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["run", str(build), "--device", "R58M123ABC", "--kit", str(lab.kit), *port]) == 1
     assert main(["report", str(build)]) == 0
-    assert "| R58M123ABC | – | – | failed |" in (build / "devices.md").read_text()
+    assert "| R58M123ABC | – | – | failed | fail |" in (build / "devices.md").read_text()
 
 
 def test_cli_refuses_bad_settings_with_what_to_use(build: Path, capsys) -> None:
@@ -256,3 +266,15 @@ def test_real_phone_runs_the_same_flow(request: pytest.FixtureRequest, tmp_path:
         if artifact["status"] != "skipped":
             assert artifact["parity"]["cosine_mean"] > 0.999
             assert all(row["median_ms"] > 0 for row in artifact["latency"] if row["status"] == "ok")
+
+
+def test_gate_missed_on_the_phone_fails_the_verdict(lab: PhoneLab, build: Path) -> None:
+    manifest = json.loads((build / "manifest.json").read_text())
+    manifest["resolved_recipe"]["gates"]["fp32"]["cosine_min_min"] = 1.5
+    (build / "manifest.json").write_text(json.dumps(manifest))
+    phone = lab.add()
+    result = run(lab, build, options(lab))[phone.serial]
+    assert result["status"] == "ok" and result["verdict"] == "fail"
+    assert result["gate_failures"] == ["tiny_fp32.tflite", "tiny_fp32.pte"]
+    gate = next(g for g in result["artifacts"][0]["gates"] if g["metric"] == "cosine_min")
+    assert gate["passed"] is False and gate["value"] > 0.9999

@@ -16,7 +16,7 @@ def evaluation_set(images: int = 12) -> EvaluationSet:
     index_a = np.array([0, 2, 4, 6, 8, 10, 0, 1, 4, 5])
     index_b = np.array([1, 3, 5, 7, 9, 11, 2, 3, 6, 7])
     same = np.array([True] * 6 + [False] * 4)
-    return EvaluationSet(pairs=[], paths=[Path(f"lfw/p{i}.jpg") for i in range(images)],
+    return EvaluationSet(pairs=[], paths=[Path(f"lfw/p{i}/p{i}_0001.jpg") for i in range(images)],
                          pixels_nhwc=rng.integers(0, 256, size=(images, 4, 4, 3), dtype=np.uint8),
                          index_a=index_a, index_b=index_b, same=same, folds=np.zeros(len(same), dtype=np.int64))
 
@@ -33,7 +33,7 @@ def test_golden_files_hold_the_chosen_faces_in_both_layouts(tmp_path: Path) -> N
     evaluation = evaluation_set()
     reference = np.random.default_rng(1).normal(size=(12, 8)).astype(np.float32)
     entry = write_golden(tmp_path, evaluation, reference, threshold=0.3, count=6)
-    chosen = [int(name[1:-4]) for name in (Path(n).name for n in entry["images"])]
+    chosen = [int(name.split("/")[0][1:]) for name in entry["images"]]
     nhwc = np.fromfile(tmp_path / entry["inputs"]["NHWC"]["file"], dtype=np.float32).reshape(6, 4, 4, 3)
     nchw = np.fromfile(tmp_path / entry["inputs"]["NCHW"]["file"], dtype=np.float32).reshape(6, 3, 4, 4)
     assert np.array_equal(nhwc, evaluation.pixels_nhwc[chosen].astype(np.float32))

@@ -57,7 +57,9 @@ class Faults:
             this text (the cable was pulled).
         drop_pushes: Drop the connection in the middle of this many SEND transfers, then accept
             reconnection (a flaky cable or hub).
-        free_kb: Free space `df` reports and SEND enforces, in KiB (None: plenty).
+        free_kb: Free space `df` reports, in KiB (None: plenty).
+        write_quota_kb: SEND fails with "No space left on device" once this much was written, in KiB
+            (another app filled the storage after `df` was read).
         hang: Runner names (e.g. "executor_runner") that never finish.
         crash: Runner names that die with SIGSEGV after printing to stderr.
         battery_temp_tenths: Battery temperature `dumpsys battery` reports, in tenths of a degree C.
@@ -69,6 +71,7 @@ class Faults:
     vanish_on_command: str | None = None
     drop_pushes: int = 0
     free_kb: int | None = None
+    write_quota_kb: int | None = None
     hang: list[str] = field(default_factory=list)
     crash: list[str] = field(default_factory=list)
     battery_temp_tenths: int = 301
@@ -270,6 +273,7 @@ class SimulatedDevice:
         self.faults = faults or Faults()
         self.commands: list[str] = []
         self.pushes_dropped = 0
+        self.bytes_written = 0
         self.lock = threading.Lock()
         self.connections: list[Connection] = []
         for prefix in MAPPED_PREFIXES:
@@ -399,8 +403,11 @@ class SimulatedDevice:
                 # The cable goes mid-transfer; the phone comes back for the next connection.
                 stream.connection.close()
                 raise ConnectionError("push dropped by fault injection")
-        free_kb = self.faults.free_kb
-        if free_kb is not None and received > free_kb * 1024:
+        quota_kb = self.faults.write_quota_kb
+        with self.lock:
+            self.bytes_written += received
+            full = quota_kb is not None and self.bytes_written > quota_kb * 1024
+        if full:
             self._fail(stream, f"write failed: No space left on device ({path})")
             return
         try:
