@@ -40,6 +40,7 @@ from mobile_harness.parity import evaluate_gates, parity
 REMOTE_ROOT = "/data/local/tmp/mobile_harness"
 ANDROID_FORMATS = {"tflite", "executorch"}
 DELEGATES = ("xnnpack", "cpu", "gpu", "nnapi")
+MIN_RUNS = 50
 PROPS = {"model": "ro.product.model", "soc": "ro.soc.model", "board": "ro.board.platform",
          "abi": "ro.product.cpu.abi", "android": "ro.build.version.release", "sdk": "ro.build.version.sdk"}
 GOVERNOR = "/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"
@@ -53,7 +54,7 @@ class LabOptions:
 
     Attributes:
         kit: Runner kit folder (`KIT/<abi>/<binary>`).
-        runs: Timed runs per latency row (at least 50 for stable percentiles).
+        runs: Timed runs per latency row (at least `MIN_RUNS`, for a p90 that means something).
         warmup: Untimed runs before the timed ones.
         threads: Thread counts, one latency row each.
         delegates: LiteRT delegates, one latency row each (.pte delegation is fixed at build time).
@@ -81,8 +82,10 @@ class LabOptions:
         unknown = [d for d in self.delegates if d not in DELEGATES]
         if unknown:
             raise ValueError(f"unknown delegate(s) {unknown}; choose from {list(DELEGATES)}")
-        if self.runs < 1 or self.warmup < 0 or not self.threads or min(self.threads) < 1:
-            raise ValueError("runs must be >= 1, warmup >= 0 and every thread count >= 1")
+        if self.runs < MIN_RUNS:
+            raise ValueError(f"--runs {self.runs}: at least {MIN_RUNS} timed runs, or p90 rests on a handful of runs")
+        if self.warmup < 0 or not self.threads or min(self.threads) < 1:
+            raise ValueError("warmup must be >= 0 and every thread count >= 1")
 
 
 class DeviceFailure(Exception):

@@ -248,6 +248,8 @@ def test_cli_refuses_bad_settings_with_what_to_use(build: Path, capsys) -> None:
     assert "choose from xnnpack, cpu, gpu, nnapi" in capsys.readouterr().err
     assert main(["run", str(build), "--all", "--adb", "/nonexistent/adb"]) == 2
     assert "apt-get install -y adb" in capsys.readouterr().err
+    assert main(["run", str(build), "--all", "--runs", "10"]) == 2
+    assert "--runs 10: at least 50 timed runs" in capsys.readouterr().err
 
 
 @pytest.mark.device

@@ -30,9 +30,8 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-A_SYNC, A_CNXN, A_OPEN, A_OKAY = 0x434E5953, 0x4E584E43, 0x4E45504F, 0x59414B4F
+A_CNXN, A_OPEN, A_OKAY = 0x4E584E43, 0x4E45504F, 0x59414B4F
 A_CLSE, A_WRTE, A_AUTH = 0x45534C43, 0x45545257, 0x48545541
 A_VERSION = 0x01000001
 AUTH_TOKEN, AUTH_SIGNATURE, AUTH_RSAPUBLICKEY = 1, 2, 3
@@ -431,7 +430,3 @@ class SimulatedDevice:
             stream.write(b"DATA" + struct.pack("<I", len(chunk)) + chunk)
         stream.write(b"DONE" + struct.pack("<I", 0))
 
-
-def describe(device: SimulatedDevice) -> dict[str, Any]:
-    """A short description of a running simulated device, for test failure messages."""
-    return {"serial": device.serial, "root": str(device.root), "commands": device.commands[-10:]}
