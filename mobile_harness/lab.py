@@ -207,11 +207,16 @@ class DeviceRun:
                 artifact.update(status="failed", reason=reason)
 
     def cleanup(self) -> None:
-        try:
-            self.device.check_shell(f"rm -rf {self.remote}", timeout=60)
-            self.result["cleanup"] = f"removed {self.remote}"
-        except AdbError as error:
-            self.result["cleanup"] = f"could not remove {self.remote}: {error}"
+        """`rm -rf` the run folder; a phone that just dropped off gets one reconnect to allow it."""
+        for attempt in (1, 2):
+            try:
+                self.device.check_shell(f"rm -rf {self.remote}", timeout=60)
+                self.result["cleanup"] = f"removed {self.remote}"
+                return
+            except AdbError as error:
+                self.result["cleanup"] = f"could not remove {self.remote}: {error}"
+                if attempt == 2 or not isinstance(error, DeviceGone) or not self.reconnect():
+                    return
 
     # -- probing ---------------------------------------------------------------------------------
 
@@ -464,8 +469,8 @@ class DeviceRun:
                 f"--graph={artifact['file']}", f"--inputs={inputs}", "--count=1", f"--num_threads={threads}",
                 f"--use_xnnpack={str(delegate == 'xnnpack').lower()}", f"--warmup_runs={options.warmup}",
                 f"--num_runs={options.runs}"], label))
-            row.update(median_ms=embed["median_ms"], p90_ms=embed["p90_ms"], trimmed_mean_ms=embed["trimmed_mean_ms"],
-                       distribution={"tool": "tflite_embed", **embed})
+            row.update(tool="benchmark_model + tflite_embed", median_ms=embed["median_ms"], p90_ms=embed["p90_ms"],
+                       trimmed_mean_ms=embed["trimmed_mean_ms"], distribution={"tool": "tflite_embed", **embed})
         else:
             row["distribution"] = {"tool": None, "note": "benchmark_model reports avg/std/min/max only; tflite_embed "
                                    "has no " + delegate + " delegate"}
