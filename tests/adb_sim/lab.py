@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -91,6 +92,7 @@ class PhoneLab:
         self.runtime = runtime
         self.adb = Adb("adb", free_port())
         self.devices: list[SimulatedDevice] = []
+        self.pending: list[subprocess.Popen[bytes]] = []
         self.kit = make_test_kit(root / "kit", "arm64-v8a")
 
     def add(self, faults: Faults | None = None, profile: DeviceProfile | None = None,
@@ -98,12 +100,18 @@ class PhoneLab:
         device = SimulatedDevice(self.root / f"phone{len(self.devices)}", profile, faults,
                                  runtime_socket=self.runtime.path)
         self.devices.append(device)
-        try:
-            self.adb.connect(device.serial)
-        except AdbError:
-            # adb 29 says "failed to authenticate" for a phone that never accepts the key.
-            if expect_state == "device":
-                raise
+        if expect_state == "offline":
+            # `adb connect` waits 10 s for a handshake that never comes; the phone is listed as
+            # offline as soon as the TCP connection is up, so the client is not waited for.
+            self.pending.append(subprocess.Popen(self.adb.command("connect", device.serial),
+                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        else:
+            try:
+                self.adb.connect(device.serial)
+            except AdbError:
+                # adb 29 says "failed to authenticate" for a phone that never accepts the key.
+                if expect_state == "device":
+                    raise
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             states = {e.serial: e.state for e in self.adb.devices()}
@@ -113,6 +121,9 @@ class PhoneLab:
         raise AssertionError(f"{device.serial} never reached state {expect_state}: {states}")
 
     def close(self) -> None:
+        for client in self.pending:
+            client.kill()
+            client.wait()
         self.adb.kill_server()
         for device in self.devices:
             device.stop()
