@@ -11,7 +11,7 @@ import re
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 # Appended to every shell command: without the shell_v2 protocol (older phones, some adbd
@@ -30,11 +30,10 @@ class DeviceGone(AdbError):
 
 @dataclass
 class DeviceEntry:
-    """One line of `adb devices -l`."""
+    """One line of `adb devices`: a serial and its state (device, unauthorized, offline, ...)."""
 
     serial: str
     state: str
-    details: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -104,16 +103,14 @@ class Adb:
 
     def devices(self) -> list[DeviceEntry]:
         """Every device the server knows, in any state (device, unauthorized, offline, ...)."""
-        result = self.run("devices", "-l", timeout=30)
+        result = self.run("devices", timeout=30)
         if result.returncode != 0:
             raise AdbError(f"`adb devices` failed: {result.stderr.strip()}")
         entries = []
         for line in result.stdout.splitlines()[1:]:
             parts = line.split()
-            if len(parts) < 2:
-                continue
-            details = dict(part.split(":", 1) for part in parts[2:] if ":" in part)
-            entries.append(DeviceEntry(parts[0], parts[1], details))
+            if len(parts) >= 2:
+                entries.append(DeviceEntry(parts[0], parts[1]))
         return entries
 
 
@@ -152,9 +149,6 @@ class Device:
         if result.exit_code != 0:
             raise AdbError(f"`{command[:120]}` exited {result.exit_code}: {result.output.strip()[-500:]}")
         return result.output
-
-    def getprop(self, key: str) -> str:
-        return self.check_shell(f"getprop {key}").strip()
 
     def push(self, local: Path, remote: str, timeout: float = 300) -> None:
         result = self.adb.run("-s", self.serial, "push", str(local), remote, timeout=timeout)
