@@ -41,10 +41,16 @@ class KitError(Exception):
 
 
 def _elf_machine(path: Path) -> int | None:
-    header = path.read_bytes()[:20]
+    with path.open("rb") as handle:
+        header = handle.read(20)
     if header[:4] != b"\x7fELF":
         return None
     return int.from_bytes(header[18:20], "little")
+
+
+def _is_script(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(2) == b"#!"
 
 
 def kit_binaries(kit: Path, abi: str, formats: set[str]) -> dict[str, Path]:
@@ -65,7 +71,7 @@ def kit_binaries(kit: Path, abi: str, formats: set[str]) -> dict[str, Path]:
             problems.append(f"{path} is built for another CPU (ELF machine {machine}, {abi} needs {expected}); "
                             f"rebuild it with `mobile_harness/runners/build_kit.sh {name} {abi}`")
             continue
-        if machine is None and not path.read_bytes().startswith(b"#!"):
+        if machine is None and not _is_script(path):
             problems.append(f"{path} is neither an ELF binary nor a script; replace it")
             continue
         binaries[name] = path

@@ -497,7 +497,17 @@ def select_devices(adb: Adb, serials: list[str] | None, all_devices: bool) -> tu
 
 def run_lab(adb: Adb, build_dir: Path, serials: list[str] | None, all_devices: bool, options: LabOptions,
             command: str, printer: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
-    """Run the build on each chosen device in parallel; returns every device's result by serial."""
+    """Run the build on each chosen device in parallel; returns every device's result by serial.
+
+    Args:
+        adb: The adb client (and server port) to use.
+        build_dir: A finished build folder (manifest.json, artifacts, golden faces).
+        serials: Devices to run on; ignored when `all_devices` is set.
+        all_devices: Run on every device `adb devices` lists (unusable ones get a failed result).
+        options: Measurement settings.
+        command: The command line, recorded in each result.
+        printer: Where progress lines go (called from several threads, one line at a time).
+    """
     manifest = load_manifest(build_dir)
     golden = load_golden(build_dir, manifest)
     usable, unusable = select_devices(adb, serials, all_devices)
