@@ -4,7 +4,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: build test test-slow lint
+.PHONY: build test test-slow lint adb
 
 $(VENV)/.installed: pyproject.toml
 	python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
@@ -13,10 +13,18 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip download --quiet --disable-pip-version-check --no-deps --dest .cache facenet-pytorch==2.6.0
 	touch $@
 
+# The device lab's tests drive the real adb client (against simulated phones); Debian ships it.
+adb:
+	@command -v adb >/dev/null 2>&1 || { \
+	  echo "installing the adb client (Debian package adb) for the device lab tests"; \
+	  { apt-get install -y adb || { apt-get update && apt-get install -y adb; }; } >/dev/null || { \
+	    echo "error: could not install adb; as root run 'apt-get install -y adb' (or put Android SDK" \
+	         "platform-tools' adb on PATH), then rerun make" >&2; exit 1; }; }
+
 build: $(VENV)/.installed
 	$(PY) -m factory build recipes/mobilefacenet.yaml
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed adb
 	$(PY) -m pytest
 
 test-slow: $(VENV)/.installed

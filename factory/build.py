@@ -23,6 +23,7 @@ from factory.data import load_images, read_split, sample_paths
 from factory.deploy import Embedder
 from factory.errors import FactoryError
 from factory.evaluation import EvaluationSet, load_evaluation_set, load_pair_set, torch_embeddings
+from factory.golden import write_golden
 from factory.io import write_text_atomic
 from factory.latency import all_threads, time_calls
 from factory.metrics import cosine_rows, cosine_summary, flip_rate
@@ -306,6 +307,8 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
         plot_cosine_histograms(cosines, out / "cosine_histogram.png", f"Parity with the fp32 reference, {title}")
         write_reports(out, report, figures={"ROC curves": "roc.png", "Cosine histograms": "cosine_histogram.png"})
         manifest = _manifest(recipe, report)
+        # Inputs and reference embeddings for on-device parity (mobile_harness).
+        manifest["golden"] = write_golden(out, evaluation, reference, ref_verification["threshold"])
         write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return BuildResult(out, report, log.records)
 

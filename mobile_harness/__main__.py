@@ -1,7 +1,7 @@
-"""`python -m mobile_harness BUILD_DIR`: checks a build folder against its manifest."""
+"""`python -m mobile_harness`: see mobile_harness/cli.py."""
 
 import sys
 
-from mobile_harness.manifest import main
+from mobile_harness.cli import main
 
 sys.exit(main())

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 class BuildFolderError(Exception):
@@ -43,17 +44,46 @@ def load_manifest(build_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1:
-        print("usage: python -m mobile_harness BUILD_DIR   (device runs are not implemented yet)", file=sys.stderr)
-        return 2
-    try:
-        manifest = load_manifest(Path(args[0]))
-    except BuildFolderError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    for artifact in manifest["artifacts"]:
-        print(f"{artifact['file']}: {artifact['format']} {artifact['precision']}, {artifact['bytes']} bytes, sha256 ok")
-    print("device runs over adb are not implemented yet (issue: the device lab)")
-    return 0
+@dataclass
+class Golden:
+    """The build's golden faces: preprocessed inputs per layout, reference embeddings, pairs among them.
+
+    Attributes:
+        faces: Number of faces.
+        inputs: Input file per layout ("NCHW", "NHWC"), raw float32 in [0, 255].
+        reference: Reference embeddings, shape (faces, embedding size).
+        pairs: [index_a, index_b, same] pairs among the faces, for decision flips.
+        threshold: The reference's decision threshold on cosine similarity.
+    """
+
+    faces: int
+    inputs: dict[str, Path]
+    reference: np.ndarray
+    pairs: list[list[int]]
+    threshold: float
+
+
+def load_golden(build_dir: Path, manifest: dict[str, Any]) -> Golden:
+    """The golden set the manifest lists, every file checked by sha256 and size against its shape."""
+    golden = manifest.get("golden")
+    if not golden:
+        raise BuildFolderError(f"{build_dir}/manifest.json lists no golden faces (key `golden`); rebuild with a "
+                               "factory that writes them (`python -m factory build RECIPE`)")
+    files = {**{f"inputs {layout}": entry for layout, entry in golden["inputs"].items()},
+             "reference": golden["reference"]}
+    for label, entry in files.items():
+        path = build_dir / entry["file"]
+        if not path.is_file():
+            raise BuildFolderError(f"{path} (golden {label}) is listed in the manifest but missing; rebuild")
+        expected_bytes = 4 * int(np.prod(entry["shape"]))
+        if path.stat().st_size != expected_bytes or _sha256(path) != entry["sha256"]:
+            raise BuildFolderError(f"{path} (golden {label}) does not match its sha256/shape in the manifest; rebuild")
+    reference = np.fromfile(build_dir / golden["reference"]["file"], dtype=np.float32)
+    return Golden(
+        faces=int(golden["faces"]),
+        inputs={layout: build_dir / entry["file"] for layout, entry in golden["inputs"].items()},
+        reference=reference.reshape(golden["reference"]["shape"]),
+        pairs=golden["pairs"],
+        threshold=float(golden["threshold"]),
+    )
+

@@ -10,6 +10,7 @@ import yaml
 from helpers import REPO
 
 from factory.weights import sha256_of
+from mobile_harness.manifest import load_golden
 
 pytestmark = pytest.mark.data
 
@@ -63,6 +64,11 @@ def test_build_writes_six_verified_artifacts_and_a_manifest(tmp_path: Path, face
         assert entry["io"]["input"]["dtype"].startswith("float32")
     assert manifest["resolved_recipe"]["model"]["architecture"] == "mobilefacenet"
     assert manifest["tools"]["executorch"] == "1.5.1"
+    golden = load_golden(out, manifest)
+    assert golden.faces == 256 and golden.reference.shape == (256, 128)
+    assert {same for _, _, same in golden.pairs} == {0, 1}
+    # Golden faces are evaluation images, which the build already refuses to share with calibration.
+    assert all(name.startswith(name.split("/")[0] + "/" + name.split("/")[0]) for name in manifest["golden"]["images"])
 
     for artifact in report["artifacts"]:
         assert CONTRACT_ARTIFACT_KEYS <= artifact.keys()

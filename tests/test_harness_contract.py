@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from factory.weights import sha256_of
-from mobile_harness.manifest import BuildFolderError, load_manifest, main
+from mobile_harness.cli import main
+from mobile_harness.manifest import BuildFolderError, load_manifest
 
 
 def make_build(folder: Path) -> Path:
@@ -26,7 +27,7 @@ def make_build(folder: Path) -> Path:
 def test_manifest_checksums_agree_between_factory_and_harness(tmp_path: Path, capsys) -> None:
     build = make_build(tmp_path / "build")
     assert len(load_manifest(build)["artifacts"]) == 2
-    assert main([str(build)]) == 0
+    assert main(["check", str(build)]) == 0
     assert "m_fp32.tflite: tflite fp32" in capsys.readouterr().out
 
 
@@ -38,4 +39,4 @@ def test_half_written_or_tampered_builds_are_refused(tmp_path: Path) -> None:
     (build / "manifest.json").unlink()
     with pytest.raises(BuildFolderError, match=r"no manifest\.json"):
         load_manifest(build)
-    assert main([str(build)]) == 2
+    assert main(["check", str(build)]) == 2

@@ -1,0 +1,80 @@
+"""The runner kit: on-device binaries per Android ABI, `KIT/<abi>/<binary>`.
+
+The harness pushes them next to the artifacts for each run. A missing binary, or one built for
+another CPU, stops that device with instructions to obtain or build exactly that binary; the build
+scripts live in `mobile_harness/runners/`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RUNNERS = Path(__file__).resolve().parent / "runners"
+
+# Which binaries each artifact format needs on the phone.
+NEEDED = {"tflite": ("benchmark_model", "tflite_embed"), "executorch": ("executor_runner",)}
+
+HOW_TO_GET = {
+    "benchmark_model": (
+        "LiteRT's official benchmark tool: download the prebuilt Android binary "
+        "(https://storage.googleapis.com/tensorflow-nightly-public/prod/tensorflow/release/lite/tools/nightly/"
+        "latest/android_{arch}_benchmark_model) to {path}, or build it from source with "
+        "`mobile_harness/runners/build_kit.sh benchmark_model {abi}` (bazel + Android NDK)"
+    ),
+    "executor_runner": (
+        "ExecuTorch's executor_runner with XNNPACK: `mobile_harness/runners/build_kit.sh executor_runner {abi}` "
+        "(CMake + Android NDK, ExecuTorch v1.5.1 source) writes {path}"
+    ),
+    "tflite_embed": (
+        "the project's parity runner (mobile_harness/runners/tflite_embed): "
+        "`mobile_harness/runners/build_kit.sh tflite_embed {abi}` (CMake + Android NDK) writes {path}"
+    ),
+}
+
+# ELF e_machine values of each Android ABI.
+_ELF_MACHINE = {"arm64-v8a": 183, "armeabi-v7a": 40, "x86_64": 62, "x86": 3}
+_ARCH = {"arm64-v8a": "aarch64", "armeabi-v7a": "arm", "x86_64": "x86_64", "x86": "x86"}
+
+
+class KitError(Exception):
+    """The runner kit lacks a binary for this device, or holds one for another CPU."""
+
+
+def _elf_machine(path: Path) -> int | None:
+    with path.open("rb") as handle:
+        header = handle.read(20)
+    if header[:4] != b"\x7fELF":
+        return None
+    return int.from_bytes(header[18:20], "little")
+
+
+def _is_script(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(2) == b"#!"
+
+
+def kit_binaries(kit: Path, abi: str, formats: set[str]) -> dict[str, Path]:
+    """The binaries a device with `abi` needs for `formats`, checked; `KitError` lists every problem.
+
+    Scripts (`#!`) are accepted as they are: the test kit's stand-ins are scripts.
+    """
+    binaries, problems = {}, []
+    for name in sorted({binary for fmt in formats for binary in NEEDED.get(fmt, ())}):
+        path = kit / abi / name
+        if not path.is_file():
+            problems.append(f"{path} is missing: " + HOW_TO_GET[name].format(
+                arch=_ARCH.get(abi, abi), abi=abi, path=path))
+            continue
+        machine = _elf_machine(path)
+        expected = _ELF_MACHINE.get(abi)
+        if machine is not None and expected is not None and machine != expected:
+            problems.append(f"{path} is built for another CPU (ELF machine {machine}, {abi} needs {expected}); "
+                            f"rebuild it with `mobile_harness/runners/build_kit.sh {name} {abi}`")
+            continue
+        if machine is None and not _is_script(path):
+            problems.append(f"{path} is neither an ELF binary nor a script; replace it")
+            continue
+        binaries[name] = path
+    if problems:
+        raise KitError("runner kit incomplete for " + abi + ":\n  - " + "\n  - ".join(problems))
+    return binaries

@@ -1,0 +1,541 @@
+"""One lab run: every runnable artifact of a build on every chosen phone, in parallel.
+
+Per device: probe (getprop, df) -> check the runner kit against the ABI -> check free storage ->
+thermal state before (optional cool-down) -> push kit, artifacts and golden inputs into a per-run
+folder under /data/local/tmp, each checked by sha256 on the phone -> per artifact: golden faces
+through the runner (parity with the reference), then latency rows (threads x delegates) -> thermal
+state after -> `rm -rf` of the per-run folder, always.
+
+`BUILD/devices/<serial>/result.json` is rewritten atomically after every step that adds results,
+so a fault (vanished phone, crash, hang, full storage) ends with a failed status and a reason next
+to everything measured before it. A failure on one phone never stops the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shlex
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mobile_harness.adb import Adb, AdbError, Device, DeviceGone, ShellTimeout
+from mobile_harness.kit import KitError, kit_binaries
+from mobile_harness.latency import RunnerOutputError, parse_benchmark_model, parse_executor_runner, parse_tflite_embed
+from mobile_harness.manifest import Golden, load_golden, load_manifest
+from mobile_harness.parity import evaluate_gates, parity
+
+REMOTE_ROOT = "/data/local/tmp/mobile_harness"
+ANDROID_FORMATS = {"tflite", "executorch"}
+DELEGATES = ("xnnpack", "cpu", "gpu", "nnapi")
+MIN_RUNS = 50
+PROPS = {"model": "ro.product.model", "soc": "ro.soc.model", "board": "ro.board.platform",
+         "abi": "ro.product.cpu.abi", "android": "ro.build.version.release", "sdk": "ro.build.version.sdk"}
+GOVERNOR = "/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"
+# Thermal status codes of android.os.PowerManager (THERMAL_STATUS_*).
+THERMAL_STATUS = {0: "none", 1: "light", 2: "moderate", 3: "severe", 4: "critical", 5: "emergency", 6: "shutdown"}
+
+
+@dataclass
+class LabOptions:
+    """How a lab run measures.
+
+    Attributes:
+        kit: Runner kit folder (`KIT/<abi>/<binary>`).
+        runs: Timed runs per latency row (at least `MIN_RUNS`, for a p90 that means something).
+        warmup: Untimed runs before the timed ones.
+        threads: Thread counts, one latency row each.
+        delegates: LiteRT delegates, one latency row each (.pte delegation is fixed at build time).
+        runner_timeout_s: A runner still going after this is killed and the device fails.
+        push_retries: Attempts per pushed file before the device fails.
+        reconnect_wait_s: How long to wait for a dropped device to come back between push attempts.
+        cool_down_above_c: Wait before measuring while the battery is hotter than this (None: never).
+        cool_down_max_s: Longest cool-down wait; the run then goes on and records that it was hot.
+        cool_down_poll_s: Seconds between temperature readings while cooling down.
+    """
+
+    kit: Path
+    runs: int = 50
+    warmup: int = 10
+    threads: list[int] = field(default_factory=lambda: [1, 4])
+    delegates: list[str] = field(default_factory=lambda: ["xnnpack"])
+    runner_timeout_s: float = 600
+    push_retries: int = 3
+    reconnect_wait_s: float = 20
+    cool_down_above_c: float | None = None
+    cool_down_max_s: float = 600
+    cool_down_poll_s: float = 15
+
+    def __post_init__(self) -> None:
+        unknown = [d for d in self.delegates if d not in DELEGATES]
+        if unknown:
+            raise ValueError(f"unknown delegate(s) {unknown}; choose from {list(DELEGATES)}")
+        if self.runs < MIN_RUNS:
+            raise ValueError(f"--runs {self.runs}: at least {MIN_RUNS} timed runs, or p90 rests on a handful of runs")
+        if self.warmup < 0 or not self.threads or min(self.threads) < 1:
+            raise ValueError("warmup must be >= 0 and every thread count >= 1")
+
+
+class DeviceFailure(Exception):
+    """This device cannot go on; `stage` says where it stopped."""
+
+    def __init__(self, stage: str, reason: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{stage}: {reason}")
+        self.stage = stage
+        self.reason = reason
+        self.details = details or {}
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2)
+            handle.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def result_path(build_dir: Path, serial: str) -> Path:
+    """Where a device's result goes; serials such as `127.0.0.1:5555` become safe folder names."""
+    return build_dir / "devices" / re.sub(r"[^A-Za-z0-9._-]", "_", serial) / "result.json"
+
+
+class DeviceRun:
+    """The lab flow on one device (see the module docstring)."""
+
+    def __init__(self, adb: Adb, serial: str, build_dir: Path, manifest: dict[str, Any], golden: Golden,
+                 options: LabOptions, command: str, printer: Callable[[str], None]) -> None:
+        self.device = Device(adb, serial)
+        self.build_dir = build_dir
+        self.manifest = manifest
+        self.golden = golden
+        self.options = options
+        self.printer = printer
+        self.remote = f"{REMOTE_ROOT}/{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+        self.path = result_path(build_dir, serial)
+        self.result: dict[str, Any] = {
+            "serial": serial, "status": "running", "reason": None, "failed_stage": None,
+            "started": _now(), "finished": None, "command": command, "build": manifest.get("recipe"),
+            "device": None, "settings": {k: v for k, v in asdict(options).items() if k != "kit"},
+            "thermal": {}, "artifacts": [], "remote_folder": self.remote, "cleanup": None,
+        }
+
+    def say(self, message: str) -> None:
+        self.printer(f"[{self.device.serial}] {message}")
+
+    def save(self) -> None:
+        _write_json_atomic(self.path, self.result)
+
+    def run(self) -> dict[str, Any]:
+        self.save()
+        created = False
+        try:
+            self.result["device"] = self.probe()
+            self.save()
+            artifacts = [a for a in self.manifest["artifacts"] if a["format"] in ANDROID_FORMATS]
+            try:
+                binaries = kit_binaries(self.options.kit, self.result["device"]["abi"],
+                                        {a["format"] for a in artifacts})
+            except KitError as error:
+                raise DeviceFailure("kit", str(error)) from None
+            self.check_storage(artifacts, binaries)
+            self.result["thermal"]["before"] = self.thermal(cool_down=True)
+            self.save()
+            self.device.check_shell(f"mkdir -p {self.remote}")
+            created = True
+            self.push_all(artifacts, binaries)
+            for artifact in self.manifest["artifacts"]:
+                self.run_artifact(artifact)
+            self.result["thermal"]["after"] = self.thermal(cool_down=False)
+            self.result["status"] = "ok"
+        except DeviceFailure as failure:
+            self.fail(failure.stage, failure.reason, failure.details)
+        except (AdbError, OSError) as error:
+            self.fail(self.current_stage(), f"{type(error).__name__}: {error}")
+        finally:
+            if self.result["thermal"] and "after" not in self.result["thermal"]:
+                # A failed run still says how hot the phone was when it stopped, if the phone answers.
+                try:
+                    self.result["thermal"]["after"] = self.read_thermal()
+                except AdbError:
+                    self.result["thermal"]["after"] = None
+            if created:
+                self.cleanup()
+            self.result["finished"] = _now()
+            gate_failures = [a["file"] for a in self.result["artifacts"] if a["status"] == "gate failed"]
+            # pass: the phone ran everything and every artifact met the recipe's gates on it.
+            self.result["verdict"] = "pass" if self.result["status"] == "ok" and not gate_failures else "fail"
+            self.result["gate_failures"] = gate_failures
+            self.save()
+        self.say(f"{self.result['status']}, verdict {self.result['verdict']}"
+                 + (f": {self.result['reason']}" if self.result["reason"] else ""))
+        return self.result
+
+    def current_stage(self) -> str:
+        return "run" if self.result["artifacts"] else "setup"
+
+    def fail(self, stage: str, reason: str, details: dict[str, Any] | None = None) -> None:
+        self.result.update(status="failed", failed_stage=stage, reason=reason)
+        if details:
+            self.result["failure_details"] = details
+        for artifact in self.result["artifacts"]:
+            if artifact["status"] == "running":
+                artifact.update(status="failed", reason=reason)
+
+    def cleanup(self) -> None:
+        """`rm -rf` the run folder; a phone that just dropped off gets one reconnect to allow it."""
+        for attempt in (1, 2):
+            try:
+                self.device.check_shell(f"rm -rf {self.remote}", timeout=60)
+                self.result["cleanup"] = f"removed {self.remote}"
+                return
+            except AdbError as error:
+                self.result["cleanup"] = f"could not remove {self.remote}: {error}"
+                if attempt == 2 or not isinstance(error, DeviceGone) or not self.reconnect():
+                    return
+
+    # -- probing ---------------------------------------------------------------------------------
+
+    def probe(self) -> dict[str, Any]:
+        try:
+            output = self.device.check_shell("; ".join(f"getprop {prop}" for prop in PROPS.values()))
+        except DeviceGone as error:
+            raise DeviceFailure("connect", f"device not usable: {error}") from None
+        values = output.split("\n")
+        info: dict[str, Any] = {key: (values[i].strip() if i < len(values) else "") for i, key in enumerate(PROPS)}
+        info["soc"] = info["soc"] or info["board"]
+        info["free_kb"] = self.free_kb()
+        self.say(f"{info['model']} ({info['soc']}, {info['abi']}, Android {info['android']}), "
+                 f"{info['free_kb'] // 1024} MiB free in /data/local/tmp")
+        return info
+
+    def free_kb(self) -> int:
+        output = self.device.check_shell("df -k /data/local/tmp")
+        row = output.strip().split("\n")[-1].split()
+        try:
+            return int(row[3])
+        except (IndexError, ValueError):
+            raise DeviceFailure("probe", f"cannot read free space from `df -k /data/local/tmp`: {output!r}") from None
+
+    def check_storage(self, artifacts: list[dict[str, Any]], binaries: dict[str, Path]) -> None:
+        golden_bytes = sum(p.stat().st_size for p in self.golden.inputs.values())
+        # Artifacts, kit and golden inputs, plus the per-face split of the inputs for executor_runner
+        # and the outputs; doubled for headroom.
+        needed = 2 * (sum(a["bytes"] for a in artifacts) + sum(p.stat().st_size for p in binaries.values())
+                      + 2 * golden_bytes)
+        free = self.result["device"]["free_kb"] * 1024
+        if free < needed:
+            raise DeviceFailure("storage", f"not enough free storage in /data/local/tmp: {free // 1024} KiB free, "
+                                f"the run needs about {needed // 1024} KiB; free space on the phone")
+
+    def thermal(self, cool_down: bool) -> dict[str, Any]:
+        state = self.read_thermal()
+        limit = self.options.cool_down_above_c
+        if cool_down and limit is not None and state["battery_c"] is not None and state["battery_c"] > limit:
+            self.say(f"battery at {state['battery_c']} C, above {limit} C: cooling down "
+                     f"(up to {self.options.cool_down_max_s:g} s)")
+            start = time.monotonic()
+            while state["battery_c"] is not None and state["battery_c"] > limit:
+                if time.monotonic() - start >= self.options.cool_down_max_s:
+                    break
+                time.sleep(self.options.cool_down_poll_s)
+                state = self.read_thermal()
+            state["cool_down_s"] = round(time.monotonic() - start, 1)
+            state["still_hot"] = state["battery_c"] is not None and state["battery_c"] > limit
+        return state
+
+    def read_thermal(self) -> dict[str, Any]:
+        """Battery temperature, thermal status and CPU governor; a value the phone does not give is None."""
+        state: dict[str, Any] = {"time": _now(), "battery_c": None, "thermal_status": None, "cpu0_governor": None}
+        battery = self.device.shell("dumpsys battery")
+        match = re.search(r"temperature:\s*(-?\d+)", battery.output)
+        if match:
+            state["battery_c"] = int(match.group(1)) / 10
+        thermal = self.device.shell("dumpsys thermalservice")
+        match = re.search(r"Thermal Status:\s*(\d+)", thermal.output)
+        if match:
+            code = int(match.group(1))
+            state["thermal_status"] = f"{code} ({THERMAL_STATUS.get(code, 'unknown')})"
+        governor = self.device.shell(f"cat {GOVERNOR}")
+        if governor.exit_code == 0:
+            state["cpu0_governor"] = governor.output.strip()
+        return state
+
+    # -- pushing ---------------------------------------------------------------------------------
+
+    def push_all(self, artifacts: list[dict[str, Any]], binaries: dict[str, Path]) -> None:
+        layouts = {a["io"]["input"]["layout"] for a in artifacts}
+        files = [*binaries.values(), *(self.build_dir / a["file"] for a in artifacts),
+                 *(self.golden.inputs[layout] for layout in sorted(layouts))]
+        for local in files:
+            self.push_checked(local)
+        self.device.check_shell(" && ".join(f"chmod 755 {self.remote}/{name}" for name in binaries))
+        self.say(f"pushed {len(files)} files to {self.remote}, sha256 checked on the phone")
+
+    def push_checked(self, local: Path) -> None:
+        """Push `local` and compare the phone's sha256sum; retries through a dropped connection."""
+        remote = f"{self.remote}/{local.name}"
+        expected = _sha256(local)
+        last_error = ""
+        for attempt in range(1, self.options.push_retries + 1):
+            try:
+                self.device.push(local, remote)
+                output = self.device.check_shell(f"sha256sum {remote}")
+                if output.split()[0] == expected:
+                    return
+                last_error = f"sha256 on the phone {output.split()[0]} != {expected}"
+            except AdbError as error:
+                last_error = str(error)
+                if "No space left" in last_error:
+                    raise DeviceFailure("push", f"storage full while pushing {local.name}: {last_error}") from None
+            self.say(f"push of {local.name} failed (attempt {attempt}/{self.options.push_retries}): {last_error}")
+            if attempt < self.options.push_retries and not self.reconnect():
+                raise DeviceFailure("push", f"device disconnected while pushing {local.name} and did not come back "
+                                    f"within {self.options.reconnect_wait_s:g} s: {last_error}")
+        raise DeviceFailure("push", f"push of {local.name} failed {self.options.push_retries} times: {last_error}")
+
+    def reconnect(self) -> bool:
+        """Wait for the device to be back; network devices (host:port) are reconnected explicitly."""
+        if re.fullmatch(r"[\w.-]+:\d+", self.device.serial):
+            try:
+                self.device.adb.connect(self.device.serial)
+            except AdbError:
+                pass
+        return self.device.wait_until_ready(self.options.reconnect_wait_s)
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def runner(self, tool: str, args: list[str], label: str) -> str:
+        """Run a kit binary in the run folder; output on success, `DeviceFailure` on crash or hang."""
+        inner = f"echo $$ > {tool}.pid; exec ./{tool} {' '.join(shlex.quote(a) for a in args)}"
+        return self.script(f"cd {self.remote} && sh -c {shlex.quote(inner)} 2>&1", tool, label)
+
+    def script(self, command: str, tool: str, label: str) -> str:
+        try:
+            result = self.device.shell(command, timeout=self.options.runner_timeout_s)
+        except ShellTimeout:
+            # The parity loop's shell too (script.pid), or it would start the next face.
+            killed = self.device.shell(f"cd {self.remote} && kill -9 $(cat script.pid {tool}.pid 2>/dev/null)",
+                                       timeout=30)
+            # adbd may already have ended it when the client went away; then kill finds nothing.
+            ending = "killed it" if killed.exit_code == 0 else "it had already ended with the adb session"
+            raise DeviceFailure("run", f"{tool} hung on {label}: no result within {self.options.runner_timeout_s:g} s; "
+                                f"{ending}") from None
+        if result.exit_code != 0:
+            details = {"exit_code": result.exit_code, "output_tail": result.output[-2000:],
+                       "logcat_tail": self.device.shell("logcat -d -t 60", timeout=60).output[-4000:]}
+            signal_note = f", killed by signal {result.exit_code - 128}" if result.exit_code > 128 else ""
+            raise DeviceFailure("run", f"{tool} failed on {label} (exit {result.exit_code}{signal_note}); "
+                                f"last output: {result.output.strip()[-300:]!r}", details)
+        return result.output
+
+    def run_artifact(self, artifact: dict[str, Any]) -> None:
+        entry: dict[str, Any] = {"file": artifact["file"], "format": artifact["format"],
+                                 "precision": artifact["precision"], "status": "running", "reason": None,
+                                 "parity": None, "gates": [], "latency": []}
+        self.result["artifacts"].append(entry)
+        if artifact["format"] not in ANDROID_FORMATS:
+            entry.update(status="skipped", reason=f"{artifact['format']} does not run on Android")
+            self.save()
+            return
+        self.say(f"{artifact['file']}: {self.golden.faces} golden faces")
+        embeddings = (self.embed_tflite if artifact["format"] == "tflite" else self.embed_pte)(artifact)
+        entry["parity"] = parity(embeddings, self.golden.reference, self.golden.pairs, self.golden.threshold)
+        gate = self.manifest.get("resolved_recipe", {}).get("gates", {}).get(artifact["precision"])
+        entry["gates"] = evaluate_gates(gate, entry["parity"])
+        self.save()
+        for delegate in (self.options.delegates if artifact["format"] == "tflite" else ["xnnpack (in .pte)"]):
+            for threads in self.options.threads:
+                entry["latency"].append(self.latency_row(artifact, delegate, threads))
+                self.save()
+        failed_gates = [g for g in entry["gates"] if g["passed"] is False]
+        entry["status"] = "gate failed" if failed_gates else "ok"
+        self.save()
+
+    def embed_tflite(self, artifact: dict[str, Any]) -> np.ndarray:
+        name = Path(artifact["file"]).stem
+        inputs = self.golden.inputs[artifact["io"]["input"]["layout"]].name
+        self.runner("tflite_embed", [f"--graph={artifact['file']}", f"--inputs={inputs}",
+                                     f"--count={self.golden.faces}", f"--output=out_{name}.bin",
+                                     f"--num_threads={self.options.threads[0]}", "--use_xnnpack=true"],
+                    f"{artifact['file']} golden faces")
+        return self.pull_embeddings(f"out_{name}.bin", artifact)
+
+    def embed_pte(self, artifact: dict[str, Any]) -> np.ndarray:
+        """executor_runner takes one input file per run: the phone splits the golden file and loops."""
+        name = Path(artifact["file"]).stem
+        inputs = self.golden.inputs[artifact["io"]["input"]["layout"]].name
+        face_bytes = 4 * int(np.prod(artifact["io"]["input"]["shape"]))
+        runner = (f"echo $$ > executor_runner.pid; exec ./executor_runner --model_path={artifact['file']} "
+                  f"--inputs=in_{name}/$0.bin --output_file=out_{name}/$0 --cpu_threads={self.options.threads[0]}")
+        script = "\n".join([
+            f"mkdir -p in_{name} out_{name} || exit 90",
+            "echo $$ > script.pid",
+            "i=0",
+            f"while [ $i -lt {self.golden.faces} ]; do",
+            f"  dd if={inputs} of=in_{name}/$i.bin bs={face_bytes} skip=$i count=1 2>/dev/null || exit 91",
+            f"  sh -c {shlex.quote(runner)} $i > out_{name}/log.txt 2>&1",
+            "  code=$?",
+            f"  if [ $code -ne 0 ]; then echo \"face $i\"; cat out_{name}/log.txt; exit $code; fi",
+            "  i=$((i+1))",
+            "done",
+            "i=0",
+            f"while [ $i -lt {self.golden.faces} ]; do cat out_{name}/$i-0.bin; i=$((i+1)); done > out_{name}.bin",
+            "rm -f script.pid",
+        ]) + "\n"
+        local = self.path.parent / f"parity_{name}.sh"
+        local.write_text(script)
+        try:
+            self.push_checked(local)
+        finally:
+            local.unlink()
+        # Relative paths only: the script runs in the run folder.
+        self.script(f"cd {self.remote} && sh parity_{name}.sh", "executor_runner", f"{artifact['file']} golden faces")
+        return self.pull_embeddings(f"out_{name}.bin", artifact)
+
+    def pull_embeddings(self, remote_name: str, artifact: dict[str, Any]) -> np.ndarray:
+        width = int(artifact["io"]["output"]["shape"][-1])
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / remote_name
+            self.device.pull(f"{self.remote}/{remote_name}", local)
+            data = np.fromfile(local, dtype=np.float32)
+        if data.size != self.golden.faces * width:
+            raise DeviceFailure("run", f"{remote_name} holds {data.size} floats, expected "
+                                f"{self.golden.faces} x {width}")
+        return data.reshape(self.golden.faces, width)
+
+    def latency_row(self, artifact: dict[str, Any], delegate: str, threads: int) -> dict[str, Any]:
+        options = self.options
+        row: dict[str, Any] = {"delegate": delegate, "threads": threads, "status": "ok", "reason": None}
+        label = f"{artifact['file']} latency ({delegate}, {threads} thread(s))"
+        try:
+            if artifact["format"] == "executorch":
+                output = self.runner("executor_runner", [
+                    f"--model_path={artifact['file']}", f"--num_executions={options.warmup + options.runs}",
+                    f"--cpu_threads={threads}"], label)
+                row.update(tool="executor_runner", **parse_executor_runner(output, options.warmup))
+            else:
+                row.update(self.tflite_latency(artifact, delegate, threads, label))
+        except RunnerOutputError as error:
+            row.update(status="failed", reason=str(error))
+        except DeviceFailure as failure:
+            # A delegate the phone does not have is a failed row, not a failed device.
+            if delegate in ("gpu", "nnapi") and failure.details.get("exit_code") == 1:
+                row.update(status="unsupported", reason=failure.reason)
+            else:
+                raise
+        self.say(f"{label}: " + (f"median {row['median_ms']:.3f} ms" if row.get("median_ms") is not None
+                                 else row.get("reason") or ""))
+        return row
+
+    def tflite_latency(self, artifact: dict[str, Any], delegate: str, threads: int, label: str) -> dict[str, Any]:
+        options = self.options
+        output = self.runner("benchmark_model", [
+            f"--graph={artifact['file']}", f"--num_threads={threads}", f"--warmup_runs={options.warmup}",
+            "--warmup_min_secs=0", f"--num_runs={options.runs}", "--min_secs=0",
+            f"--use_xnnpack={str(delegate == 'xnnpack').lower()}", f"--use_gpu={str(delegate == 'gpu').lower()}",
+            f"--use_nnapi={str(delegate == 'nnapi').lower()}"], label)
+        row: dict[str, Any] = {"tool": "benchmark_model", **parse_benchmark_model(output),
+                               "median_ms": None, "p90_ms": None, "trimmed_mean_ms": None}
+        row["runs"] = row["benchmark_model"]["runs"]
+        row["mean_ms"] = row["benchmark_model"]["mean_ms"]
+        if delegate in ("xnnpack", "cpu"):
+            inputs = self.golden.inputs[artifact["io"]["input"]["layout"]].name
+            embed = parse_tflite_embed(self.runner("tflite_embed", [
+                f"--graph={artifact['file']}", f"--inputs={inputs}", "--count=1", f"--num_threads={threads}",
+                f"--use_xnnpack={str(delegate == 'xnnpack').lower()}", f"--warmup_runs={options.warmup}",
+                f"--num_runs={options.runs}"], label))
+            row.update(tool="benchmark_model + tflite_embed", median_ms=embed["median_ms"], p90_ms=embed["p90_ms"],
+                       trimmed_mean_ms=embed["trimmed_mean_ms"], distribution={"tool": "tflite_embed", **embed})
+        else:
+            row["distribution"] = {"tool": None, "note": "benchmark_model reports avg/std/min/max only; tflite_embed "
+                                   "has no " + delegate + " delegate"}
+        return row
+
+
+def select_devices(adb: Adb, serials: list[str] | None, all_devices: bool) -> tuple[list[str], dict[str, str]]:
+    """Serials to run on, and the serials that cannot run with why (unauthorized, offline, absent)."""
+    entries = {e.serial: e.state for e in adb.devices()}
+    wanted = list(entries) if all_devices or not serials else serials
+    usable, unusable = [], {}
+    for serial in wanted:
+        state = entries.get(serial)
+        if state == "device":
+            usable.append(serial)
+        elif state is None:
+            unusable[serial] = "not connected (not in `adb devices`)"
+        elif state == "unauthorized":
+            unusable[serial] = "unauthorized: accept the 'Allow USB debugging?' prompt on the phone, then retry"
+        else:
+            unusable[serial] = f"{state}: reconnect the phone (or `adb reconnect offline`), then retry"
+    return usable, unusable
+
+
+def run_lab(adb: Adb, build_dir: Path, serials: list[str] | None, all_devices: bool, options: LabOptions,
+            command: str, printer: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+    """Run the build on each chosen device in parallel; returns every device's result by serial.
+
+    Args:
+        adb: The adb client (and server port) to use.
+        build_dir: A finished build folder (manifest.json, artifacts, golden faces).
+        serials: Devices to run on; ignored when `all_devices` is set.
+        all_devices: Run on every device `adb devices` lists (unusable ones get a failed result).
+        options: Measurement settings.
+        command: The command line, recorded in each result.
+        printer: Where progress lines go (called from several threads, one line at a time).
+    """
+    manifest = load_manifest(build_dir)
+    golden = load_golden(build_dir, manifest)
+    usable, unusable = select_devices(adb, serials, all_devices)
+    results: dict[str, dict[str, Any]] = {}
+    for serial, reason in unusable.items():
+        result = {"serial": serial, "status": "failed", "verdict": "fail", "failed_stage": "connect", "reason": reason,
+                  "started": _now(), "finished": _now(), "command": command, "artifacts": []}
+        _write_json_atomic(result_path(build_dir, serial), result)
+        printer(f"[{serial}] failed: {reason}")
+        results[serial] = result
+    lock = threading.Lock()
+
+    def locked_print(message: str) -> None:
+        with lock:
+            printer(message)
+
+    def one(serial: str) -> dict[str, Any]:
+        run = DeviceRun(adb, serial, build_dir, manifest, golden, options, command, locked_print)
+        try:
+            return run.run()
+        except Exception as error:  # one phone's bug must not stop the others
+            run.fail("harness", f"{type(error).__name__}: {error}")
+            run.result.update(finished=_now(), verdict="fail")
+            run.save()
+            return run.result
+
+    if usable:
+        with ThreadPoolExecutor(max_workers=len(usable)) as pool:
+            for serial, result in zip(usable, pool.map(one, usable), strict=True):
+                results[serial] = result
+    return results

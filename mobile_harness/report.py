@@ -1,0 +1,141 @@
+"""Merging every device's `result.json` into the build folder's device report.
+
+Writes `BUILD/devices.md` (one section per device: status, phone, thermal state, parity and gates,
+latency table) and `BUILD/devices/<serial>/latency.png` (median with p90 whiskers per row). The
+factory's own report files are left untouched; `devices.md` sits next to them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mobile_harness.lab import result_path
+
+
+def load_results(build_dir: Path) -> list[dict[str, Any]]:
+    """Every device result under `BUILD/devices/`, sorted by serial."""
+    results = [json.loads(path.read_text()) for path in sorted((build_dir / "devices").glob("*/result.json"))]
+    return sorted(results, key=lambda r: r["serial"])
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def plot_latency(result: dict[str, Any], path: Path) -> bool:
+    """Median latency with p90 whiskers for every measured row; False when there is nothing to plot."""
+    rows = [(f"{a['file']}\n{r['delegate']}, {r['threads']}t", r["median_ms"], r["p90_ms"])
+            for a in result.get("artifacts", []) for r in a.get("latency", []) if r.get("median_ms") is not None]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, medians, p90s = zip(*rows, strict=True)
+    figure, axes = plt.subplots(figsize=(8, 0.5 + 0.45 * len(rows)))
+    positions = range(len(rows))
+    axes.barh(positions, medians, color="#4c72b0")
+    axes.errorbar(medians, positions, xerr=[[0] * len(rows), [p - m for p, m in zip(p90s, medians, strict=True)]],
+                  fmt="none", ecolor="black", capsize=3)
+    axes.set_yticks(list(positions), labels, fontsize=7)
+    axes.invert_yaxis()
+    device = result.get("device") or {}
+    axes.set_xlabel("latency per face (ms): median, whisker to p90")
+    axes.set_title(f"{result['serial']} {device.get('model', '')} ({device.get('soc', '')})", fontsize=9)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
+    os.close(fd)
+    figure.savefig(tmp, dpi=110)
+    plt.close(figure)
+    os.replace(tmp, path)
+    return True
+
+
+def _device_section(result: dict[str, Any], plot: str | None) -> list[str]:
+    device = result.get("device") or {}
+    title = f"## {result['serial']}" + (f" — {device['model']} ({device.get('soc')})" if device.get("model") else "")
+    lines = [title, ""]
+    status = result["status"]
+    lines.append(f"**Status: {status}, verdict: {result.get('verdict')}**"
+                 + (f" — failed at {result.get('failed_stage')}: {result['reason']}" if status != "ok" else "")
+                 + (f" — gates failed on the phone: {', '.join(result['gate_failures'])}"
+                    if result.get("gate_failures") else ""))
+    lines.append("")
+    if device:
+        lines.append(f"ABI {device.get('abi')}, Android {device.get('android')} (SDK {device.get('sdk')}), "
+                     f"{device.get('free_kb', 0) // 1024} MiB free. Run {result.get('started')} – "
+                     f"{result.get('finished')}, `{result.get('command')}`.")
+        lines.append("")
+    thermal = result.get("thermal") or {}
+    if thermal:
+        lines += ["| moment | battery °C | thermal status | cpu0 governor |", "|---|---|---|---|"]
+        for moment in ("before", "after"):
+            state = thermal.get(moment)
+            if state:
+                extra = f" (cooled down {state['cool_down_s']} s)" if "cool_down_s" in state else ""
+                lines.append(f"| {moment}{extra} | {state['battery_c']} | {state['thermal_status']} | "
+                             f"{state['cpu0_governor']} |")
+        lines.append("")
+    artifacts = [a for a in result.get("artifacts", []) if a["status"] != "skipped"]
+    if artifacts:
+        lines += ["| artifact | status | cosine mean | cosine min | cosine p1 | flips / pairs | gates |",
+                  "|---|---|---|---|---|---|---|"]
+        for artifact in artifacts:
+            par = artifact.get("parity") or {}
+            gates = ", ".join(f"{g['metric']} {g['op']} {g['threshold']}: "
+                              + {True: "pass", False: "FAIL", None: "not measured"}[g["passed"]]
+                              for g in artifact.get("gates", [])) or "–"
+            flips = f"{par['flips']} / {par['pairs']}" if par else "–"
+            lines.append(f"| {artifact['file']} | {artifact['status']} | {_fmt(par.get('cosine_mean'), 6)} | "
+                         f"{_fmt(par.get('cosine_min'), 6)} | {_fmt(par.get('cosine_p1'), 6)} | {flips} | {gates} |")
+        lines.append("")
+        lines += ["| artifact | delegate | threads | load ms | first ms | median ms | p90 ms | trimmed mean ms | "
+                  "runs | tool |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for artifact in artifacts:
+            for row in artifact.get("latency", []):
+                if row["status"] != "ok":
+                    lines.append(f"| {artifact['file']} | {row['delegate']} | {row['threads']} | "
+                                 f"{row['status']}: {(row['reason'] or '')[:80]} | – | – | – | – | – | – |")
+                    continue
+                lines.append(f"| {artifact['file']} | {row['delegate']} | {row['threads']} | {_fmt(row['load_ms'])} | "
+                             f"{_fmt(row['first_inference_ms'])} | {_fmt(row['median_ms'])} | {_fmt(row['p90_ms'])} | "
+                             f"{_fmt(row['trimmed_mean_ms'])} | {row['runs']} | {row['tool']} |")
+        lines.append("")
+    if plot:
+        lines += [f"![latency on {result['serial']}]({plot})", ""]
+    return lines
+
+
+def write_device_report(build_dir: Path) -> Path:
+    """Regenerate `BUILD/devices.md` and the per-device plots from every `result.json`."""
+    results = load_results(build_dir)
+    lines = ["# On-device results", "",
+             "Measured on phones by `python -m mobile_harness run`; regenerate with "
+             f"`python -m mobile_harness report {build_dir}`. Parity compares each phone's embeddings of the "
+             "golden faces with the build's reference embeddings; latency is per face, after warm-up.", ""]
+    if not results:
+        lines.append("No device results yet.")
+    lines += ["| device | model | SoC | status | verdict |", "|---|---|---|---|---|"]
+    for result in results:
+        device = result.get("device") or {}
+        lines.append(f"| {result['serial']} | {device.get('model', '–')} | {device.get('soc', '–')} | "
+                     f"{result['status']} | {result.get('verdict', '–')} |")
+    lines.append("")
+    for result in results:
+        plot = result_path(build_dir, result["serial"]).parent / "latency.png"
+        has_plot = plot_latency(result, plot)
+        lines += _device_section(result, str(plot.relative_to(build_dir)) if has_plot else None)
+    path = build_dir / "devices.md"
+    fd, tmp = tempfile.mkstemp(prefix=".devices.md.", dir=build_dir)
+    with os.fdopen(fd, "w") as handle:
+        handle.write("\n".join(lines))
+    os.replace(tmp, path)
+    return path
+

@@ -1,0 +1,43 @@
+"""A runner-kit binary of the simulated phone: `standin.py TOOL FLAGS...` plays `TOOL`.
+
+Started by the simulated phone's shell as the real binary would be. It honours the phone's injected
+faults itself (a hung runner really hangs, a crashing one really dies of SIGSEGV) and otherwise hands
+its flags to the test's `RuntimeService`, which has the runtimes loaded; starting ExecuTorch in
+every process would take seconds per call. Standard library only, so it starts fast.
+"""
+
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> int:
+    tool, argv = sys.argv[1], sys.argv[2:]
+    root = Path(os.environ["SIM_ROOT"])
+    faults = json.loads((root / "sim_state.json").read_text())["faults"]
+    if tool in faults["hang"]:
+        print(f"{tool}: started", flush=True)
+        while True:
+            time.sleep(1)
+    if tool in faults["crash"]:
+        print(f"{tool}: loading model", file=sys.stderr, flush=True)
+        with (root / "logcat.txt").open("a") as log:
+            log.write(f"F libc    : Fatal signal 11 (SIGSEGV), code 1 (SEGV_MAPERR) in tid {os.getpid()} ({tool})\n"
+                      f"F DEBUG   : *** *** *** *** *** *** *** *** *** *** *** *** *** *** *** ***\n"
+                      f"F DEBUG   : pid: {os.getpid()}, name: {tool}  >>> {tool} <<<\n")
+        os.kill(os.getpid(), signal.SIGSEGV)
+    with socket.socket(socket.AF_UNIX) as connection:
+        connection.connect(os.environ["SIM_RUNTIME_SOCKET"])
+        connection.sendall(json.dumps({"tool": tool, "argv": argv, "cwd": os.getcwd()}).encode() + b"\n")
+        reply = json.loads(connection.makefile().readline())
+    sys.stdout.write(reply["stdout"])
+    sys.stderr.write(reply["stderr"])
+    return reply["code"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

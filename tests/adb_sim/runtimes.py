@@ -1,0 +1,253 @@
+"""Host stand-ins for the on-device runners, computing real outputs with the host runtimes.
+
+`benchmark_model` (LiteRT), `executor_runner` (ExecuTorch) and `tflite_embed` (the project's own
+runner, mobile_harness/runners/tflite_embed) take the same flags and print the same lines as the
+binaries (benchmark_model.cc's `Stat` and `Inference timings in us` lines, executor_runner.cpp's
+ET_LOG lines, written to stderr as the posix PAL does). Models run in ai_edge_litert and
+executorch.runtime, so outputs and timings are real, only measured on the host.
+
+The service lives in the test process (a thread on a Unix socket); the kit's `standin.py` processes
+forward their flags to it. A lock runs one model at a time, like one phone CPU would.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+KIT_TOOLS = ("benchmark_model", "executor_runner", "tflite_embed")
+STANDIN = Path(__file__).resolve().parent / "kit" / "standin.py"
+
+
+class FlagError(Exception):
+    """A command line the real tool would reject."""
+
+
+def parse_flags(argv: list[str], known: dict[str, str]) -> dict[str, str]:
+    """`--name=value` flags (the form both gflags and benchmark_model's parser accept)."""
+    flags = dict(known)
+    for arg in argv:
+        name, sep, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not sep or name not in known:
+            raise FlagError(f"unknown or malformed flag: {arg}")
+        flags[name] = value
+    return flags
+
+
+def as_bool(value: str) -> bool:
+    return value.lower() in ("1", "true")
+
+
+def et_log(err: TextIO, message: str, line: int) -> None:
+    """An ET_LOG(Info, ...) line as the posix PAL prints it."""
+    seconds = time.monotonic()
+    print(f"I 00:00:{seconds % 60:09.6f} executorch:executor_runner.cpp:{line}] {message}", file=err)
+
+
+def stat_line(samples_us: list[int]) -> str:
+    """tensorflow::Stat<int64_t>::OutputToStream."""
+    values = np.asarray(samples_us, dtype=np.int64)
+    if len(set(samples_us)) == 1:
+        return f"count={len(values)} curr={values[-1]}" + ("(all same)" if len(values) > 1 else "")
+    return (f"count={len(values)} first={values[0]} curr={values[-1]} min={values.min()} max={values.max()} "
+            f"avg={values.mean():g} std={round(values.std())}")
+
+
+class TFLiteModel:
+    def __init__(self, path: Path, threads: int) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        self.interpreter.allocate_tensors()
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.interpreter.set_tensor(self.input["index"], x.reshape(self.input["shape"]))
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self.output["index"]).copy()
+
+
+def timed(call: Callable[[], object]) -> int:
+    start = time.perf_counter_ns()
+    call()
+    return (time.perf_counter_ns() - start) // 1000
+
+
+def benchmark_model(argv: list[str], cwd: Path, out: TextIO, err: TextIO) -> int:
+    flags = parse_flags(argv, {"graph": "", "num_threads": "-1", "warmup_runs": "1", "num_runs": "50",
+                               "min_secs": "1", "warmup_min_secs": "0.5", "max_secs": "150", "use_xnnpack": "true",
+                               "use_gpu": "false", "use_nnapi": "false"})
+    print("INFO: STARTING!", file=out)
+    print(f"INFO: Min num runs: [{flags['num_runs']}]\nINFO: Num threads: [{flags['num_threads']}]\n"
+          f"INFO: Min warmup runs: [{flags['warmup_runs']}]\nINFO: Graph: [{flags['graph']}]", file=out)
+    graph = cwd / flags["graph"]
+    if not graph.is_file():
+        print(f"ERROR: Could not open '{flags['graph']}'.\nERROR: Benchmarking failed.", file=out)
+        return 1
+    if as_bool(flags["use_gpu"]) or as_bool(flags["use_nnapi"]):
+        # The simulated phone has no GPU or NPU driver; real phones without one answer the same way.
+        print("ERROR: Failed to apply the delegate: not supported on this device.\nERROR: Benchmarking failed.",
+              file=out)
+        return 1
+    threads = int(flags["num_threads"])
+    start = time.perf_counter_ns()
+    model = TFLiteModel(graph, threads if threads > 0 else 1)
+    init_us = (time.perf_counter_ns() - start) // 1000
+    if as_bool(flags["use_xnnpack"]):
+        print("INFO: Created TensorFlow Lite XNNPACK delegate for CPU.", file=out)
+    print(f"INFO: Loaded model {flags['graph']}\nINFO: The input model file size (MB): {graph.stat().st_size / 1e6:g}",
+          file=out)
+    print(f"INFO: Initialized session in {init_us / 1e3:g}ms.", file=out)
+    x = np.random.default_rng(0).uniform(0, 255, model.input["shape"]).astype(np.float32)
+    stats = []
+    for runs, secs in ((int(flags["warmup_runs"]), flags["warmup_min_secs"]), (int(flags["num_runs"]),
+                                                                                 flags["min_secs"])):
+        print(f"INFO: Running benchmark for at least {runs} iterations and at least {float(secs):g} seconds but "
+              f"terminate if exceeding {float(flags['max_secs']):g} seconds.", file=out)
+        samples = [timed(lambda: model(x)) for _ in range(max(runs, 1))]
+        print(f"INFO: {stat_line(samples)}\n", file=out)
+        stats.append(samples)
+    warmup, regular = stats
+    print(f"INFO: Inference timings in us: Init: {init_us}, First inference: {warmup[0]}, "
+          f"Warmup (avg): {np.mean(warmup):g}, Inference (avg): {np.mean(regular):g}", file=out)
+    return 0
+
+
+def tflite_embed(argv: list[str], cwd: Path, out: TextIO, err: TextIO) -> int:
+    flags = parse_flags(argv, {"graph": "", "inputs": "", "count": "0", "output": "", "num_threads": "1",
+                               "use_xnnpack": "true", "warmup_runs": "0", "num_runs": "0"})
+    graph = cwd / flags["graph"]
+    start = time.perf_counter_ns()
+    try:
+        model = TFLiteModel(graph, int(flags["num_threads"]))
+    except ValueError as error:
+        print(f"tflite_embed: cannot load {flags['graph']}: {error}", file=err)
+        return 1
+    print(f"Init: {(time.perf_counter_ns() - start) / 1e6:.3f} ms", file=out)
+    count = int(flags["count"])
+    face = model.input["shape"][1:]
+    inputs = np.fromfile(cwd / flags["inputs"], dtype=np.float32, count=count * int(np.prod(face)))
+    inputs = inputs.reshape(count, *face)
+    print(f"First inference: {timed(lambda: model(inputs[:1])) / 1e3:.3f} ms", file=out)
+    for _ in range(int(flags["warmup_runs"])):
+        model(inputs[:1])
+    runs = int(flags["num_runs"])
+    for index in range(runs):
+        print(f"Run {index + 1} of {runs}: {timed(lambda: model(inputs[:1])) / 1e3:.3f} ms", file=out)
+    if flags["output"]:
+        outputs = np.concatenate([model(inputs[i : i + 1]) for i in range(count)])
+        outputs.astype(np.float32).tofile(cwd / flags["output"])
+        print(f"Wrote {count} embeddings of size {outputs.shape[1]} to {flags['output']}", file=out)
+    return 0
+
+
+def executor_runner(argv: list[str], cwd: Path, out: TextIO, err: TextIO) -> int:
+    import torch
+    from executorch.extension.pybindings import portable_lib
+    from executorch.runtime import Runtime
+
+    flags = parse_flags(argv, {"model_path": "model.pte", "inputs": "", "output_file": "", "num_executions": "1",
+                               "cpu_threads": "-1", "method_name": ""})
+    threads = int(flags["cpu_threads"])
+    et_log(err, f"Resetting threadpool with num threads = {threads if threads > 0 else 1}", 214)
+    portable_lib._unsafe_reset_threadpool(threads if threads > 0 else 1)
+    path = cwd / flags["model_path"]
+    start = time.perf_counter_ns()
+    try:
+        program = Runtime.get().load_program(path)
+    except (RuntimeError, ValueError):
+        et_log(err, f"Failed to parse model file {flags['model_path']}", 380)
+        return 1
+    et_log(err, f"Model file {flags['model_path']} is loaded.", 383)
+    et_log(err, "Using method forward", 396)
+    method = program.load_method(flags["method_name"] or "forward")
+    et_log(err, f"Model loaded in {(time.perf_counter_ns() - start) / 1e6:f} ms.", 520)
+    shape = list(method.metadata.input_tensor_meta(0).sizes())
+    if flags["inputs"]:
+        x = np.fromfile(cwd / flags["inputs"], dtype=np.float32).reshape(shape)
+    else:
+        x = np.ones(shape, dtype=np.float32)
+    executions = int(flags["num_executions"])
+    total_ms = 0.0
+    output = None
+    for index in range(executions):
+        start = time.perf_counter_ns()
+        output = method.execute([torch.from_numpy(x)])[0].numpy()
+        elapsed_ms = (time.perf_counter_ns() - start) / 1e6
+        total_ms += elapsed_ms
+        et_log(err, f"Iteration {index + 1} of {executions}: {elapsed_ms:f} ms", 640)
+    et_log(err, f"Model executed successfully {executions} time(s) in {total_ms:f} ms.", 660)
+    et_log(err, "1 outputs: ", 666)
+    if flags["output_file"] and output is not None:
+        name = f"{flags['output_file']}-0.bin"
+        et_log(err, f"Writing output to file: {name}", 679)
+        output.astype(np.float32).tofile(cwd / name)
+    if output is not None:
+        print(f"OutputX 0: tensor(sizes={list(output.shape)}, {np.array2string(output.ravel()[:4])} ...)", file=out)
+    return 0
+
+
+TOOLS: dict[str, Callable[[list[str], Path, TextIO, TextIO], int]] = {
+    "benchmark_model": benchmark_model, "executor_runner": executor_runner, "tflite_embed": tflite_embed,
+}
+
+
+class RuntimeService:
+    """Serves the kit stand-ins on a Unix socket at `path` until `stop()`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+        self.server = socket.socket(socket.AF_UNIX)
+        self.server.bind(str(path))
+        self.server.listen()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
+
+    def _answer(self, connection: socket.socket) -> None:
+        with connection:
+            request = json.loads(connection.makefile().readline())
+            stdout, stderr = io.StringIO(), io.StringIO()
+            with self.lock:
+                try:
+                    code = TOOLS[request["tool"]](request["argv"], Path(request["cwd"]), stdout, stderr)
+                except FlagError as error:
+                    print(f"ERROR: {error}", file=stderr)
+                    code = 1
+                except Exception:  # a stand-in bug must reach the test as output, not as a hang
+                    stderr.write(traceback.format_exc())
+                    code = 70
+            reply = {"stdout": stdout.getvalue(), "stderr": stderr.getvalue(), "code": code}
+            connection.sendall(json.dumps(reply).encode() + b"\n")
+
+    def stop(self) -> None:
+        self.server.close()
+        self.path.unlink(missing_ok=True)
+
+
+def make_test_kit(kit: Path, abi: str) -> Path:
+    """A runner kit for `abi` whose binaries are stand-in scripts (see module docstring)."""
+    folder = kit / abi
+    folder.mkdir(parents=True, exist_ok=True)
+    for tool in KIT_TOOLS:
+        script = folder / tool
+        script.write_text(f'#!/bin/sh\nexec "$SIM_PYTHON" -S {STANDIN} {tool} "$@"\n')
+        script.chmod(0o755)
+    return kit

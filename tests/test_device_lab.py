@@ -1,0 +1,282 @@
+"""The device lab end to end: the real adb client and server, simulated phones, a tiny factory build.
+
+Every test drives `adb` 29 against `tests/adb_sim` phones on loopback, through a private adb server
+port that is killed afterwards. Runner stand-ins compute real outputs with the host runtimes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from adb_sim.lab import GOLDEN_FACES, PhoneLab, make_tiny_build, phone_lab
+from adb_sim.runtimes import RuntimeService
+from adb_sim.sim import Faults
+
+from mobile_harness.adb import Adb
+from mobile_harness.cli import main
+from mobile_harness.lab import LabOptions, result_path, run_lab
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tiny_backbone, tmp_path_factory) -> Path:
+    return make_tiny_build(tiny_backbone, tmp_path_factory.mktemp("builds") / "tiny")
+
+
+@pytest.fixture
+def build(tiny_build: Path, tmp_path: Path) -> Path:
+    """A fresh copy per test, so each test sees only its own device results."""
+    return Path(shutil.copytree(tiny_build, tmp_path / "build"))
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory) -> Iterator[RuntimeService]:
+    service = RuntimeService(tmp_path_factory.mktemp("rt") / "runtime.sock")
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def lab(tmp_path: Path, runtime: RuntimeService) -> Iterator[PhoneLab]:
+    if shutil.which("adb") is None:
+        pytest.fail("the adb client is not installed: `apt-get install -y adb` (`make test` installs it)",
+                    pytrace=False)
+    with phone_lab(tmp_path / "lab", runtime) as phone_lab_:
+        yield phone_lab_
+
+
+def options(lab: PhoneLab, **changes) -> LabOptions:
+    settings = {"kit": lab.kit, "runs": 50, "warmup": 2, "threads": [1], "delegates": ["xnnpack"],
+                "runner_timeout_s": 60, "reconnect_wait_s": 10}
+    return LabOptions(**{**settings, **changes})
+
+
+def run(lab: PhoneLab, build: Path, opts: LabOptions, serials: list[str] | None = None) -> dict[str, dict]:
+    lines: list[str] = []
+    results = run_lab(lab.adb, build, serials, serials is None, opts, "pytest", lines.append)
+    for serial, result in results.items():
+        on_disk = json.loads(result_path(build, serial).read_text())
+        assert on_disk == json.loads(json.dumps(result)), "result.json holds what the run returned"
+    return results
+
+
+def remote_leftovers(device) -> list[Path]:
+    return list((device.root / "data/local/tmp/mobile_harness").glob("*"))
+
+
+def test_two_phones_in_parallel_measure_parity_and_latency(lab: PhoneLab, build: Path) -> None:
+    phones = [lab.add(), lab.add()]
+    results = run(lab, build, options(lab, threads=[1, 2], delegates=["xnnpack", "gpu"]))
+    assert set(results) == {p.serial for p in phones}
+    for phone in phones:
+        result = results[phone.serial]
+        assert result["status"] == "ok" and result["verdict"] == "pass", result
+        assert result["device"]["model"] == "Pixel Sim" and result["device"]["abi"] == "arm64-v8a"
+        assert result["device"]["soc"] == "Tensor G-sim" and result["device"]["android"] == "14"
+        by_file = {a["file"]: a for a in result["artifacts"]}
+        assert by_file["tiny_fp16.mlpackage"]["status"] == "skipped"
+        for name, delegates in (("tiny_fp32.tflite", {"xnnpack", "gpu"}), ("tiny_fp32.pte", {"xnnpack (in .pte)"})):
+            artifact = by_file[name]
+            assert artifact["status"] == "ok", artifact
+            assert artifact["parity"]["faces"] == GOLDEN_FACES
+            assert artifact["parity"]["cosine_mean"] > 0.9999 and artifact["parity"]["flips"] == 0
+            assert [g["metric"] for g in artifact["gates"]] == ["cosine_mean", "flip_rate"]
+            assert all(g["passed"] for g in artifact["gates"])
+            rows = artifact["latency"]
+            assert {(r["delegate"], r["threads"]) for r in rows} == {(d, t) for d in delegates for t in (1, 2)}
+            for row in rows:
+                if row["delegate"] == "gpu":
+                    assert row["status"] == "unsupported" and "delegate" in row["reason"]
+                    continue
+                assert row["status"] == "ok" and row["runs"] == 50
+                assert 0 < row["median_ms"] <= row["p90_ms"] and row["load_ms"] > 0 and row["first_inference_ms"] > 0
+                assert row["trimmed_mean_ms"] > 0
+        for moment in ("before", "after"):
+            thermal = result["thermal"][moment]
+            assert thermal["battery_c"] == 30.1 and thermal["cpu0_governor"] == "schedutil"
+            assert thermal["thermal_status"] == "0 (none)"
+        assert result["cleanup"].startswith("removed /data/local/tmp/mobile_harness/")
+        assert remote_leftovers(phone) == []
+        assert any(c.startswith("sha256sum /data/local/tmp/mobile_harness/") for c in phone.commands)
+
+
+def processes_in(folder: Path) -> list[int]:
+    """Host processes whose working directory is inside a simulated phone (its runners)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(Path(proc / "cwd").resolve()).startswith(str(folder)):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_unauthorized_offline_and_absent_phones_fail_alone(lab: PhoneLab, build: Path) -> None:
+    healthy = lab.add()
+    unauthorized = lab.add(Faults(unauthorized=True), expect_state="unauthorized")
+    offline = lab.add(Faults(offline=True), expect_state="offline")
+    results = run(lab, build, options(lab), [healthy.serial, unauthorized.serial, offline.serial, "R58M123ABC"])
+    assert results[healthy.serial]["status"] == "ok"
+    assert "unauthorized" in results[unauthorized.serial]["reason"]
+    assert "Allow USB debugging" in results[unauthorized.serial]["reason"]
+    assert results[offline.serial]["reason"].startswith("offline")
+    assert "not connected" in results["R58M123ABC"]["reason"]
+    for serial in (unauthorized.serial, offline.serial, "R58M123ABC"):
+        assert results[serial]["status"] == "failed" and results[serial]["failed_stage"] == "connect"
+
+
+def test_phone_vanishing_mid_run_keeps_what_was_measured(lab: PhoneLab, build: Path) -> None:
+    phone = lab.add(Faults(vanish_on_command="parity_tiny_fp32.sh"))
+    result = run(lab, build, options(lab, reconnect_wait_s=2))[phone.serial]
+    # The phone goes as the parity script's checksum is asked for.
+    assert result["status"] == "failed" and result["failed_stage"] == "push"
+    assert "did not come back" in result["reason"]
+    tflite, pte = result["artifacts"][0], result["artifacts"][1]
+    assert tflite["status"] == "ok" and tflite["parity"]["cosine_mean"] > 0.9999 and tflite["latency"]
+    assert pte["status"] == "failed" and pte["reason"] == result["reason"]
+    assert "could not remove" in result["cleanup"]
+
+
+def test_push_survives_one_dropped_connection(lab: PhoneLab, build: Path) -> None:
+    phone = lab.add(Faults(drop_pushes=1))
+    result = run(lab, build, options(lab))[phone.serial]
+    assert phone.pushes_dropped == 1
+    assert result["status"] == "ok", result["reason"]
+
+
+def test_push_that_keeps_failing_fails_that_phone_only(lab: PhoneLab, build: Path) -> None:
+    flaky, healthy = lab.add(Faults(drop_pushes=100)), lab.add()
+    results = run(lab, build, options(lab, push_retries=2, reconnect_wait_s=5))
+    assert results[healthy.serial]["status"] == "ok"
+    flaky_result = results[flaky.serial]
+    assert flaky_result["status"] == "failed" and flaky_result["failed_stage"] == "push"
+    assert "failed 2 times" in flaky_result["reason"] and flaky.pushes_dropped == 2
+    assert flaky_result["cleanup"].startswith("removed") and remote_leftovers(flaky) == []
+
+
+def test_hung_runner_is_timed_out_and_killed(lab: PhoneLab, build: Path) -> None:
+    phone = lab.add(Faults(hang=["executor_runner"]))
+    result = run(lab, build, options(lab, runner_timeout_s=4))[phone.serial]
+    assert result["status"] == "failed" and "executor_runner hung on tiny_fp32.pte" in result["reason"]
+    assert result["artifacts"][0]["status"] == "ok", "the .tflite results measured before the hang are kept"
+    assert processes_in(phone.root) == [] and remote_leftovers(phone) == []
+
+
+def test_crashing_runner_reports_exit_code_output_and_logcat(lab: PhoneLab, build: Path) -> None:
+    phone = lab.add(Faults(crash=["benchmark_model"]))
+    result = run(lab, build, options(lab))[phone.serial]
+    assert result["status"] == "failed" and "benchmark_model failed" in result["reason"]
+    assert "exit 139, killed by signal 11" in result["reason"]
+    details = result["failure_details"]
+    assert details["exit_code"] == 139 and "loading model" in details["output_tail"]
+    assert "Fatal signal 11 (SIGSEGV)" in details["logcat_tail"]
+    assert result["thermal"]["after"]["battery_c"] == 30.1, "thermal state is logged after a failure too"
+    tflite = result["artifacts"][0]
+    assert tflite["status"] == "failed" and tflite["parity"]["faces"] == GOLDEN_FACES, "parity ran before the crash"
+    assert remote_leftovers(phone) == []
+
+
+def test_full_storage_fails_before_pushing(lab: PhoneLab, build: Path) -> None:
+    phone = lab.add(Faults(free_kb=64))
+    result = run(lab, build, options(lab))[phone.serial]
+    assert result["failed_stage"] == "storage" and "64 KiB free" in result["reason"]
+    assert not any(c.startswith("sha256sum") for c in phone.commands)
+
+
+def test_storage_filling_up_during_the_push_fails_without_retrying(lab: PhoneLab, build: Path) -> None:
+    phone = lab.add(Faults(write_quota_kb=200))
+    result = run(lab, build, options(lab))[phone.serial]
+    assert result["failed_stage"] == "push" and "storage full while pushing" in result["reason"]
+    assert "No space left on device" in result["reason"] and phone.pushes_dropped == 0
+    assert result["cleanup"].startswith("removed") and remote_leftovers(phone) == []
+
+
+def test_missing_kit_binary_says_how_to_get_it(lab: PhoneLab, build: Path, tmp_path: Path) -> None:
+    phone = lab.add()
+    (lab.kit / "arm64-v8a" / "executor_runner").unlink()
+    result = run(lab, build, options(lab))[phone.serial]
+    assert result["failed_stage"] == "kit"
+    assert "executor_runner is missing" in result["reason"]
+    assert "build_kit.sh executor_runner arm64-v8a" in result["reason"]
+    other_abi = run(lab, build, options(lab, kit=tmp_path / "empty_kit"))[phone.serial]
+    assert "benchmark_model is missing" in other_abi["reason"]
+    assert "android_aarch64_benchmark_model" in other_abi["reason"]
+
+
+def test_hot_phone_cools_down_before_measuring(lab: PhoneLab, build: Path) -> None:
+    phone = lab.add(Faults(battery_temp_tenths=452, cool_after_reads=3))
+    result = run(lab, build, options(lab, cool_down_above_c=40, cool_down_poll_s=0.1))[phone.serial]
+    before = result["thermal"]["before"]
+    assert before["battery_c"] == 25.0 and before["still_hot"] is False and before["cool_down_s"] >= 0.2
+    assert result["status"] == "ok"
+
+
+def test_cli_lists_devices_runs_and_writes_the_device_report(lab: PhoneLab, build: Path, capsys) -> None:
+    phone = lab.add()
+    lab.add(Faults(unauthorized=True), expect_state="unauthorized")
+    port = ["--adb-port", str(lab.adb.port)]
+    assert main(["devices", *port]) == 0
+    listing = capsys.readouterr().out
+    assert phone.serial in listing and "Pixel Sim" in listing and "Tensor G-sim" in listing
+    assert "arm64-v8a" in listing and "unauthorized" in listing
+    free_mib = str(73_689_792 // 1024)
+    assert free_mib in listing
+
+    code = main(["run", str(build), "--device", phone.serial, "--kit", str(lab.kit), "--runs", "50", "--warmup", "2",
+                 "--threads", "1,2", *port])
+    assert code == 0, capsys.readouterr()
+    report = (build / "devices.md").read_text()
+    assert f"## {phone.serial} — Pixel Sim (Tensor G-sim)" in report and "**Status: ok, verdict: pass**" in report
+    assert "| gpu |" not in report and "| tiny_fp32.tflite | xnnpack | 1 |" in report
+    assert "| tiny_fp32.pte | xnnpack (in .pte) | 2 |" in report
+    assert "cosine_mean >= 0.9999: pass" in report
+    plot = build / "devices" / phone.serial.replace(":", "_") / "latency.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["run", str(build), "--device", "R58M123ABC", "--kit", str(lab.kit), *port]) == 1
+    assert main(["report", str(build)]) == 0
+    assert "| R58M123ABC | – | – | failed | fail |" in (build / "devices.md").read_text()
+
+
+def test_cli_refuses_bad_settings_with_what_to_use(build: Path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["run", str(build), "--all", "--delegate", "tpu"])
+    assert "choose from xnnpack, cpu, gpu, nnapi" in capsys.readouterr().err
+    assert main(["run", str(build), "--all", "--adb", "/nonexistent/adb"]) == 2
+    assert "apt-get install -y adb" in capsys.readouterr().err
+    assert main(["run", str(build), "--all", "--runs", "10"]) == 2
+    assert "--runs 10: at least 50 timed runs" in capsys.readouterr().err
+
+
+@pytest.mark.device
+def test_real_phone_runs_the_same_flow(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """With a phone attached (and a runner kit in $MOBILE_HARNESS_KIT), the same flow on real hardware."""
+    adb = Adb()
+    serials = [e.serial for e in adb.devices() if e.state == "device"]
+    if not serials:
+        pytest.skip("no Android phone attached (`adb devices` lists none in state `device`)")
+    kit = Path(os.environ.get("MOBILE_HARNESS_KIT", "kit"))
+    build = Path(shutil.copytree(request.getfixturevalue("tiny_build"), tmp_path / "build"))
+    results = run_lab(adb, build, serials[:1], False, LabOptions(kit=kit, threads=[1]), "pytest -m device", print)
+    result = results[serials[0]]
+    assert result["status"] == "ok", result["reason"]
+    for artifact in result["artifacts"]:
+        if artifact["status"] != "skipped":
+            assert artifact["parity"]["cosine_mean"] > 0.999
+            assert all(row["median_ms"] > 0 for row in artifact["latency"] if row["status"] == "ok")
+
+
+def test_gate_missed_on_the_phone_fails_the_verdict(lab: PhoneLab, build: Path) -> None:
+    manifest = json.loads((build / "manifest.json").read_text())
+    manifest["resolved_recipe"]["gates"]["fp32"]["cosine_min_min"] = 1.5
+    (build / "manifest.json").write_text(json.dumps(manifest))
+    phone = lab.add()
+    result = run(lab, build, options(lab))[phone.serial]
+    assert result["status"] == "ok" and result["verdict"] == "fail"
+    assert result["gate_failures"] == ["tiny_fp32.tflite", "tiny_fp32.pte"]
+    gate = next(g for g in result["artifacts"][0]["gates"] if g["metric"] == "cosine_min")
+    assert gate["passed"] is False and gate["value"] > 0.9999
