@@ -94,7 +94,7 @@ def _round_to(value: torch.Tensor, dtype: str) -> torch.Tensor:
 def _matches(declared: tuple[Any, ...], actual: tuple[int, ...]) -> bool:
     """Whether `actual` fits a declared shape (symbolic dimensions match anything)."""
     return len(declared) == len(actual) and all(
-        not isinstance(d, int) or d == a for d, a in zip(declared, actual, strict=True))
+        not isinstance(d, (int, np.integer)) or d == a for d, a in zip(declared, actual, strict=True))
 
 
 def _as_torch(value: Any) -> Any:

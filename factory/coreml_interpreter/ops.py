@@ -251,6 +251,13 @@ def leaky_relu(args: Args) -> torch.Tensor:
     return F.leaky_relu(args["x"], scalar(args.get("alpha", 0.01)))
 
 
+@kernel("thresholded_relu")
+def thresholded_relu(args: Args) -> torch.Tensor:
+    # x where x >= alpha, else 0.
+    x = args["x"]
+    return torch.where(x >= scalar(args.get("alpha", 1.0)), x, torch.zeros_like(x))
+
+
 @kernel("sigmoid_hard")
 def sigmoid_hard(args: Args) -> torch.Tensor:
     # min(max(alpha * x + beta, 0), 1)
