@@ -212,10 +212,11 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
             entry.update(verified_by=target.runtime_name, status="verified", parity=parity,
                          gates=evaluate_gates(gate, parity))
         example = example_nchw.transpose(0, 2, 3, 1).copy() if artifact.input_layout == "NHWC" else example_nchw
-        with log.stage(Stage.VERIFY, f"{artifact.path.name} latency"):
-            entry["latency_ms"] = _latency_rows(
-                _artifact_call(target, artifact.path, example), recipe.latency.warmup, recipe.latency.runs
-            )
+        if target.host_latency:
+            with log.stage(Stage.VERIFY, f"{artifact.path.name} latency"):
+                entry["latency_ms"] = _latency_rows(
+                    _artifact_call(target, artifact.path, example), recipe.latency.warmup, recipe.latency.runs
+                )
         for gate_result in entry["gates"]:
             if not gate_result["passed"]:
                 printer(f"  GATE FAILED {artifact.path.name}: {gate_result['metric']} = {gate_result['value']:.6f}, "

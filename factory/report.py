@@ -112,7 +112,8 @@ def render_markdown(report: dict[str, Any], figures: dict[str, str] | None = Non
             cells = " | ".join(_latency_cell(a["latency_ms"], k) for k in thread_keys)
             lines.append(f"| `{a['file']}` | {cells} |")
         else:
-            lines.append(f"| `{a['file']}` | " + " | ".join("not run on this host" for _ in thread_keys) + " |")
+            note = "not timed: emulated on this host" if a["verified_by"] else "not run on this host"
+            lines.append(f"| `{a['file']}` | " + " | ".join(note for _ in thread_keys) + " |")
     for name, rows in report["peers"].items():
         lines.append(f"| {name.replace('_', ' ')} | " + " | ".join(_latency_cell(rows, k) for k in thread_keys) + " |")
     lines += ["", "## Build stages", "", "| stage | subject | seconds |", "|---|---|---|"]

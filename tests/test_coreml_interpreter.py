@@ -455,3 +455,39 @@ def test_wrong_input_shape_is_named(tmp_path: Path) -> None:
     interpreter = CoreMLInterpreter.from_package(convert_torch(nn.ReLU(), torch.zeros(1, 2, 3, 3), tmp_path))
     with pytest.raises(FactoryError, match=r"input 'x' has shape \(4, 2, 3, 5\); the program expects \(1, 2, 3, 3\)"):
         run(interpreter, np.zeros((4, 2, 3, 5), np.float32))
+
+
+# ------------------------------------------------------------------------------- the shipped model, real faces
+
+
+@pytest.mark.data
+def test_fp32_program_of_the_shipped_mobilefacenet_matches_pytorch_on_real_faces(faces_root: Path,
+                                                                                  tmp_path: Path) -> None:
+    """The whole interpreter on the real network: a float32 program must reproduce PyTorch to 1e-5 cosine."""
+    import coremltools as ct
+
+    from factory.build import load_backbone
+    from factory.data import load_images, read_lfw_pairs, unique_pair_images
+    from factory.deploy import Embedder
+    from factory.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "mobilefacenet.yaml",
+                         data_root=str(faces_root))
+    spec = recipe.model.input
+    embedder = Embedder(load_backbone(recipe), spec.mean, spec.std, recipe.model.embedding_size).eval()
+    pairs = read_lfw_pairs(faces_root / "lfw" / "pairs.txt", faces_root / "lfw" / "aligned")
+    paths = unique_pair_images(pairs)[:64]
+    faces = np.ascontiguousarray(load_images(paths, spec.size).astype(np.float32).transpose(0, 3, 1, 2))
+
+    exported = torch.export.export(embedder, (torch.from_numpy(faces[:1]),)).run_decompositions({})
+    model = ct.convert(exported, inputs=[ct.TensorType(name="image", shape=faces[:1].shape, dtype=np.float32)],
+                       convert_to="mlprogram", compute_precision=ct.precision.FLOAT32,
+                       minimum_deployment_target=ct.target.iOS16)
+    model.save(str(tmp_path / "mobilefacenet_fp32.mlpackage"))
+    interpreter = CoreMLInterpreter.from_package(tmp_path / "mobilefacenet_fp32.mlpackage")
+    assert {"conv", "prelu", "add", "linear", "rsqrt"} <= set(interpreter.op_types)
+
+    got = run(interpreter, faces)
+    expected = torch_batch(embedder, faces)
+    cosine = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
+    assert len(cosine) == 64 and cosine.min() >= 0.99999, (cosine.min(), cosine.mean())

@@ -28,6 +28,11 @@ def compile_tiny(backbone: torch.nn.Module, fmt: str, precision: str, out: Path)
     return target, target.compile(request)
 
 
+def artifact_bytes(path: Path) -> int:
+    """Size of a file artifact, or of every file in a bundle (.mlpackage)."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
 def run_parity(target, artifact, backbone: torch.nn.Module) -> dict[str, float]:
     x = pixels(16, 1)
     with torch.no_grad():
@@ -43,10 +48,11 @@ def run_parity(target, artifact, backbone: torch.nn.Module) -> dict[str, float]:
 @pytest.mark.parametrize(("fmt", "precision", "min_cosine"), [
     ("tflite", "fp32", 0.9999), ("tflite", "int8", 0.98),
     ("executorch", "fp32", 0.9999), ("executorch", "int8", 0.98),
+    ("coreml", "fp16", 0.999), ("coreml", "w8", 0.999), ("coreml", "int8", 0.98),
 ])
 def test_artifact_matches_pytorch_in_its_runtime(tiny_backbone, tmp_path, fmt, precision, min_cosine) -> None:
     target, artifact = compile_tiny(tiny_backbone, fmt, precision, tmp_path)
-    assert artifact.path.is_file() and artifact.path.stat().st_size > 10_000
+    assert artifact_bytes(artifact.path) > 10_000
     assert artifact.input_dtype == "float32" and artifact.output_dtype == "float32", "float I/O in every precision"
     parity = run_parity(target, artifact, tiny_backbone)
     assert parity["cosine_mean"] >= min_cosine, parity
@@ -79,17 +85,21 @@ def test_executorch_refuses_a_graph_that_is_not_fully_delegated(tmp_path) -> Non
     assert not list(tmp_path.glob("*.pte")), "nothing half-written"
 
 
-@pytest.mark.parametrize("precision", ["fp16", "int8"])
-def test_coreml_program_is_built_with_the_promised_weights(tiny_backbone, tmp_path, precision) -> None:
+@pytest.mark.parametrize(("precision", "weights_int8", "activations_int8"), [
+    ("fp16", False, False), ("w8", True, False), ("int8", True, True),
+])
+def test_coreml_program_is_built_with_the_promised_weights(tiny_backbone, tmp_path, precision, weights_int8,
+                                                           activations_int8) -> None:
     import coremltools as ct
 
-    target, artifact = compile_tiny(tiny_backbone, "coreml", precision, tmp_path)
+    _, artifact = compile_tiny(tiny_backbone, "coreml", precision, tmp_path)
     assert (artifact.path / "Manifest.json").is_file()
     spec = ct.models.MLModel(str(artifact.path), skip_model_load=True).get_spec()
     assert [i.name for i in spec.description.input] == ["image"]
     assert [o.name for o in spec.description.output] == ["embedding"]
-    ops = {op.type for function in spec.mlProgram.functions.values()
-           for block in function.block_specializations.values() for op in block.operations}
-    assert ("constexpr_affine_dequantize" in ops) == (precision == "int8")
-    if target.host_support() is not None:
-        assert target.load_runner(artifact.path) is None
+    ops = [op.type for function in spec.mlProgram.functions.values()
+           for block in function.block_specializations.values() for op in block.operations]
+    assert ("constexpr_affine_dequantize" in ops) == weights_int8
+    # W8A8: every conv reads a dequantised int8 activation.
+    assert ops.count("quantize") >= (ops.count("conv") if activations_int8 else 0)
+    assert ("quantize" in ops) == activations_int8 and ("dequantize" in ops) == activations_int8

@@ -106,6 +106,8 @@ class Target(Protocol):
     suffix: str
     precisions: tuple[str, ...]
     runtime_name: str
+    # False when this host's runner emulates the runtime: its timings would say nothing about the format.
+    host_latency: bool
 
     def compile(self, request: CompileRequest) -> CompiledArtifact:
         """Write the artifact to `request.output` (atomically) and describe it."""

@@ -35,6 +35,7 @@ class ExecuTorchTarget:
     suffix = ".pte"
     precisions = ("fp32", "int8")
     runtime_name = "executorch.runtime (XNNPACK)"
+    host_latency = True
 
     def compile(self, request: CompileRequest) -> CompiledArtifact:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner

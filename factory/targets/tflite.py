@@ -24,6 +24,7 @@ class TFLiteTarget:
     suffix = ".tflite"
     precisions = ("fp32", "int8")
     runtime_name = "LiteRT Interpreter (ai-edge-litert)"
+    host_latency = True
 
     def compile(self, request: CompileRequest) -> CompiledArtifact:
         import litert_torch
