@@ -195,6 +195,7 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
             "quantization": artifact.quantization, "runtime": target.runtime_name,
             "io": _io(artifact), "details": artifact.details,
             "verified_by": None, "status": None, "parity": None, "gates": [], "latency_ms": None,
+            "other_runtimes": [],
         }
         unsupported = target.host_support()
         if unsupported is not None:
@@ -211,6 +212,11 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
             gate = recipe.gates.get(artifact.precision)
             entry.update(verified_by=target.runtime_name, status="verified", parity=parity,
                          gates=evaluate_gates(gate, parity))
+            for runtime, other_runner in target.extra_runners(artifact.path).items():
+                other, _ = _parity(other_runner(evaluation.pixels(artifact.input_layout)), reference, evaluation,
+                                   ref_verification)
+                entry["other_runtimes"].append({"verified_by": runtime, "parity": other,
+                                                "gates": evaluate_gates(gate, other)})
         example = example_nchw.transpose(0, 2, 3, 1).copy() if artifact.input_layout == "NHWC" else example_nchw
         if target.host_latency:
             with log.stage(Stage.VERIFY, f"{artifact.path.name} latency"):
@@ -234,7 +240,7 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
         }
 
     verified = [a for a in artifacts if a["status"] == "verified"]
-    all_gates = [g for a in verified for g in a["gates"]]
+    all_gates = [g for a in verified for row in (a, *a["other_runtimes"]) for g in row["gates"]]
     verdict = "pass" if verified and all(g["passed"] for g in all_gates) else "fail"
     entry_info = model_entry(recipe.model.architecture)
     report = {

@@ -276,9 +276,7 @@ def gelu(args: Args) -> torch.Tensor:
 @kernel("prelu")
 def prelu(args: Args) -> torch.Tensor:
     # alpha has one value per channel; the channel is dimension 1 of x (rank 3 to 5).
-    x = args["x"]
-    alpha = args["alpha"].reshape([1, -1] + [1] * (x.dim() - 2))
-    return torch.where(x >= 0, x, x * alpha)
+    return F.prelu(args["x"], args["alpha"].reshape(-1))
 
 
 @kernel("softmax")
@@ -362,9 +360,13 @@ def conv(args: Args) -> torch.Tensor:
     pad = ints(args["pad"]) if args.get("pad") is not None else [0] * 2 * rank
     padding = spatial_padding(str(args.get("pad_type", "valid")), pad, x.shape[2:], weight.shape[2:], strides,
                               dilations)
-    bias = args.get("bias")
-    return _CONV[rank](F.pad(x, _torch_pad(padding)), weight, None if bias is None else torch.as_tensor(bias),
-                       stride=strides, dilation=dilations, groups=int(scalar(args.get("groups", 1))))
+    bias = None if args.get("bias") is None else torch.as_tensor(args["bias"])
+    groups = int(scalar(args.get("groups", 1)))
+    if all(before == after for before, after in padding):
+        # Symmetric padding inside the conv kernel saves a padded copy of the activation.
+        return _CONV[rank](x, weight, bias, stride=strides, padding=[before for before, _ in padding],
+                           dilation=dilations, groups=groups)
+    return _CONV[rank](F.pad(x, _torch_pad(padding)), weight, bias, stride=strides, dilation=dilations, groups=groups)
 
 
 _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}

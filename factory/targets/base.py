@@ -118,6 +118,9 @@ class Target(Protocol):
     def host_support(self) -> str | None:
         """None when artifacts run on this host, else why not (shown in reports)."""
 
+    def extra_runners(self, path: Path) -> dict[str, Runner]:
+        """Further runtimes on this host that also run the artifact, by name; each is verified as its own row."""
+
 
 _TARGETS: dict[str, Target] = {}
 

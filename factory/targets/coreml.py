@@ -37,6 +37,7 @@ QUANTIZATION = {
             "faces (iOS 17 quantize/dequantize around every conv), float16 between them",
 }
 RUNTIME_MACOS = "Core ML runtime (macOS, CPU_ONLY)"
+EXTRA_COMPUTE_UNITS = ("CPU_AND_GPU", "CPU_AND_NE")
 RUNTIME_INTERPRETER = "Core ML reference interpreter (factory, fp16 emulation)"
 # The interpreter holds a whole batch's activations: 64 faces of MobileFaceNet peak near 0.2 GB.
 INTERPRETER_BATCH = 64
@@ -152,6 +153,12 @@ class CoreMLTarget:
                 torch.set_num_threads(previous)
 
         return run
+
+    def extra_runners(self, path: Path) -> dict[str, Runner]:
+        """On macOS, the GPU and the Neural Engine as well (Core ML may still fall back to the CPU per op)."""
+        if platform.system() != "Darwin":
+            return {}
+        return {f"Core ML runtime (macOS, {unit})": self._runtime_runner(path, unit) for unit in EXTRA_COMPUTE_UNITS}
 
     def host_support(self) -> str | None:
         # Every host can verify: Apple's runtime on macOS, the reference interpreter elsewhere.

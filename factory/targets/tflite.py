@@ -87,6 +87,9 @@ class TFLiteTarget:
 
         return batched(run_one)
 
+    def extra_runners(self, path: Path) -> dict[str, Runner]:
+        return {}
+
     def host_support(self) -> str | None:
         return None
 
