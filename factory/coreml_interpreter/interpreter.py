@@ -81,13 +81,20 @@ def _dtype_name(var: Any) -> str:
 
 
 def _round_to(value: torch.Tensor, dtype: str) -> torch.Tensor:
-    """`value` as the interpreter stores a `dtype` tensor: floats in float32 (float16-rounded for fp16)."""
+    """`value` stored as a `dtype` tensor.
+
+    Floats are float32 (float16-rounded for fp16); 8-bit integers that a float kernel produced (quantize) stay
+    integral float32; other integers are int64.
+    """
     if dtype == "fp16":
         return value.to(torch.float16).to(torch.float32)
     if dtype == "fp32":
         return value.to(torch.float32)
     if dtype == "bool":
         return value.to(torch.bool)
+    if dtype in ("int8", "uint8") and value.is_floating_point():
+        # Quantised activations: float32 holds every 8-bit integer exactly, and dequantize wants floats.
+        return value
     return value.to(torch.int64)
 
 
