@@ -81,7 +81,9 @@ def test_executorch_refuses_a_graph_that_is_not_fully_delegated(tmp_path) -> Non
 
 
 @pytest.mark.parametrize(("precision", "weights_int8", "activations_int8", "min_cosine"), [
-    ("fp16", False, False, 0.999), ("w8", True, False, 0.999), ("int8", True, True, 0.98),
+    ("fp16", False, False, 0.999), ("w8", True, False, 0.999),
+    # Minutes: coremltools' PT2E CoreMLQuantizer re-exports each of its annotation patterns in prepare_pt2e.
+    pytest.param("int8", True, True, 0.98, marks=pytest.mark.slow),
 ])
 def test_coreml_program_is_built_as_promised_and_matches_pytorch(tiny_backbone, tmp_path, precision, weights_int8,
                                                                  activations_int8, min_cosine) -> None:
