@@ -439,16 +439,26 @@ def test_unsupported_op_names_the_op_and_the_artifact(tmp_path: Path) -> None:
 
 
 class FoldsBatch(nn.Module):
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.shape = shape
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(2, -1) * 2.0
+        return x.reshape(self.shape) * 2.0
 
 
-def test_a_reshape_that_moves_the_batch_refuses_batches_but_runs_one_image(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("shape", "error"), [
+    ((2, -1), "moves the batch dimension"),
+    ((-1,), r"produced shape \(72,\) where the program declares \(24,\) per image; this op cannot run at batch 3"),
+])
+def test_a_reshape_that_moves_the_batch_refuses_batches_but_runs_one_image(shape: tuple[int, ...], error: str,
+                                                                            tmp_path: Path) -> None:
     x = random_input((BATCH, 2, 3, 4))
-    interpreter = CoreMLInterpreter.from_package(convert_torch(FoldsBatch(), torch.from_numpy(x[:1]), tmp_path))
-    with pytest.raises(FactoryError, match="moves the batch dimension"):
+    module = FoldsBatch(shape)
+    interpreter = CoreMLInterpreter.from_package(convert_torch(module, torch.from_numpy(x[:1]), tmp_path))
+    with pytest.raises(FactoryError, match=error):
         run(interpreter, x)
-    np.testing.assert_array_equal(run(interpreter, x[:1]), x[:1].reshape(2, -1) * 2.0)
+    np.testing.assert_array_equal(run(interpreter, x[:1]), x[:1].reshape(shape) * 2.0)
 
 
 def test_wrong_input_shape_is_named(tmp_path: Path) -> None:

@@ -225,6 +225,8 @@ class CoreMLInterpreter:
             return target
         if target[0] == 1 and step.outputs[0].shape[:1] == (1,):
             return [batch, *target[1:]]
+        if target[0] == -1:
+            return target  # inferred; the output shape check refuses it if the batch was folded in
         raise FactoryError(f"{self.source}: reshape op {step.name!r} to {target} moves the batch dimension; "
                            "run this program one image at a time")
 
