@@ -185,7 +185,9 @@ def quantize(args: Args) -> torch.Tensor:
     zp = 0.0 if zero_point is None else torch.as_tensor(
         _along_axis(_np(zero_point), x.dim(), axis).astype(np.float32))
     low, high = _INT_RANGES[str(args["output_dtype"])]
-    return torch.clamp(torch.round(x / scale) + zp, low, high)
+    # In place on one fresh tensor: quantised activations are the largest tensors the interpreter touches.
+    levels = (x / scale).round_()
+    return levels.add_(zp).clamp_(low, high)
 
 
 @kernel("dequantize")
@@ -195,9 +197,9 @@ def dequantize(args: Args) -> torch.Tensor:
     axis = None if args.get("axis") is None else int(scalar(args["axis"]))
     scale = torch.as_tensor(_along_axis(_np(args["scale"]), x.dim(), axis).astype(np.float32))
     zero_point = args.get("zero_point")
-    if zero_point is not None:
-        x = x - torch.as_tensor(_along_axis(_np(zero_point), x.dim(), axis).astype(np.float32))
-    return x * scale
+    if zero_point is None:
+        return x * scale
+    return (x - torch.as_tensor(_along_axis(_np(zero_point), x.dim(), axis).astype(np.float32))).mul_(scale)
 
 
 def _np(value: Any) -> np.ndarray:
