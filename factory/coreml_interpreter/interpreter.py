@@ -30,8 +30,6 @@ import torch
 from factory.coreml_interpreter.ops import KERNELS, WEIGHT_KERNELS, Kernel
 from factory.errors import FactoryError
 
-EMULATION = "float16 emulated: fp32 compute on float16 operands, every float16 op output rounded to float16"
-
 
 @dataclass(frozen=True)
 class _Output:

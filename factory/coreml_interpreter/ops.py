@@ -161,14 +161,6 @@ def constexpr_sparse_to_dense(args: dict[str, Any]) -> np.ndarray:
     return dense
 
 
-@weight_kernel("constexpr_cast")
-def constexpr_cast(args: dict[str, Any]) -> np.ndarray:
-    return np.asarray(args["source_val"]).astype(_NUMPY_DTYPES[str(args["output_dtype"])])
-
-
-_NUMPY_DTYPES = {"fp16": np.float16, "fp32": np.float32, "int8": np.int8, "uint8": np.uint8, "int16": np.int16,
-                 "uint16": np.uint16, "int32": np.int32, "uint32": np.uint32, "bool": np.bool_}
-
 # ---------------------------------------------------------------------------------- quantised activations
 
 _INT_RANGES = {"int8": (-128, 127), "uint8": (0, 255)}
