@@ -9,7 +9,8 @@ cites the rule it implements where it is not obvious. Two kinds of kernel:
   dimension 0. The interpreter rounds each output to float16 when the program declares it float16, so a
   kernel computes in float32 on float16-valued operands (the emulation described in `interpreter.py`).
 
-Static parameters (strides, axes, shapes, strings) arrive as NumPy values or Python scalars.
+Static parameters (strides, axes, shapes, strings) arrive as the program's constants: torch tensors, NumPy
+scalars or strings; `ints` and `scalar` read any of them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# What a kernel receives: op input name -> value (torch tensor for tensors, NumPy/str for static params).
+# What a kernel receives: op input name -> value (see the module docstring).
 Args = dict[str, Any]
 Kernel = Callable[[Args], torch.Tensor]
 WeightKernel = Callable[[dict[str, Any]], np.ndarray]
