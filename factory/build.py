@@ -213,7 +213,8 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
             "bytes": _size(artifact.path), "sha256": sha256_of(artifact.path),
             "quantization": artifact.quantization, "runtime": target.runtime_name,
             "io": _io(artifact), "details": artifact.details,
-            "verified_by": None, "status": None, "parity": None, "gates": [], "latency_ms": None, "benchmarks": {},
+            "verified_by": None, "status": None, "parity": None, "gates": [], "latency_ms": None,
+            "other_runtimes": [], "benchmarks": {},
         }
         unsupported = target.host_support()
         if unsupported is not None:
@@ -230,15 +231,21 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
             gate = recipe.gates.get(artifact.precision)
             entry.update(verified_by=target.runtime_name, status="verified", parity=parity,
                          gates=evaluate_gates(gate, parity))
+            for runtime, other_runner in target.extra_runners(artifact.path).items():
+                other, _ = _parity(other_runner(evaluation.pixels(artifact.input_layout)), reference, evaluation,
+                                   ref_verification)
+                entry["other_runtimes"].append({"verified_by": runtime, "parity": other,
+                                                "gates": evaluate_gates(gate, other)})
         for name, pair_set in benchmarks.items():
             with log.stage(Stage.VERIFY, f"{artifact.path.name} on benchmark {name}"):
                 entry["benchmarks"][name] = _benchmark_parity(
                     runner(pair_set.pixels(artifact.input_layout)), pair_set, benchmark_reference[name])
         example = example_nchw.transpose(0, 2, 3, 1).copy() if artifact.input_layout == "NHWC" else example_nchw
-        with log.stage(Stage.VERIFY, f"{artifact.path.name} latency"):
-            entry["latency_ms"] = _latency_rows(
-                _artifact_call(target, artifact.path, example), recipe.latency.warmup, recipe.latency.runs
-            )
+        if target.host_latency:
+            with log.stage(Stage.VERIFY, f"{artifact.path.name} latency"):
+                entry["latency_ms"] = _latency_rows(
+                    _artifact_call(target, artifact.path, example), recipe.latency.warmup, recipe.latency.runs
+                )
         for gate_result in entry["gates"]:
             if not gate_result["passed"]:
                 printer(f"  GATE FAILED {artifact.path.name}: {gate_result['metric']} = {gate_result['value']:.6f}, "
@@ -256,7 +263,7 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
         }
 
     verified = [a for a in artifacts if a["status"] == "verified"]
-    all_gates = [g for a in verified for g in a["gates"]]
+    all_gates = [g for a in verified for row in (a, *a["other_runtimes"]) for g in row["gates"]]
     verdict = "pass" if verified and all(g["passed"] for g in all_gates) else "fail"
     entry_info = model_entry(recipe.model.architecture)
     report = {

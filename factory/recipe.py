@@ -19,7 +19,7 @@ import yaml
 from factory.errors import FactoryError
 
 Format = Literal["tflite", "executorch", "coreml"]
-Precision = Literal["fp32", "fp16", "int8"]
+Precision = Literal["fp32", "fp16", "w8", "int8"]
 Loss = Literal["arcface", "softmax", "triplet"]
 
 # int8 activation ranges from fewer real faces are unstable; recipes must opt in to go below this.
@@ -29,7 +29,7 @@ MIN_CALIBRATION_FACES = 300
 SUPPORTED_PRECISIONS: dict[str, tuple[str, ...]] = {
     "tflite": ("fp32", "int8"),
     "executorch": ("fp32", "int8"),
-    "coreml": ("fp16", "int8"),
+    "coreml": ("fp16", "w8", "int8"),
 }
 
 
@@ -165,6 +165,7 @@ def _default_gates() -> dict[str, GateConfig]:
     return {
         "fp32": GateConfig(cosine_mean_min=0.9999),
         "fp16": GateConfig(cosine_mean_min=0.999, lfw_accuracy_drop_max=0.005),
+        "w8": GateConfig(cosine_mean_min=0.999, lfw_accuracy_drop_max=0.005),
         "int8": GateConfig(cosine_mean_min=0.99, lfw_accuracy_drop_max=0.005),
     }
 

@@ -89,13 +89,15 @@ def render_markdown(report: dict[str, Any], figures: dict[str, str] | None = Non
         if p is None:
             lines.append(f"| `{a['file']}` | {size} | — | {a['status']} | — | — | — | — | — | — |")
             continue
-        gates = ", ".join(("pass" if g["passed"] else "**FAIL**") + f" {g['name']}" for g in a["gates"]) or "none"
-        lines.append(
-            f"| `{a['file']}` | {size} | {a['verified_by']} | {_fmt(p['cosine_mean'], 5)} / {_fmt(p['cosine_min'], 5)}"
-            f" / {_fmt(p['cosine_p1'], 5)} | {_pct(p['lfw_accuracy'])} | {100 * p['lfw_accuracy_drop']:+.2f} pt | "
-            f"{_pct(p['tar_at_far_1e-03'])} | {p['flips']} ({_pct(p['flip_rate'])}) | {_fmt(p['threshold'])} | "
-            f"{gates} |"
-        )
+        for row in (a, *a["other_runtimes"]):  # other runtimes: e.g. Core ML's GPU and Neural Engine on macOS
+            p = row["parity"]
+            gates = ", ".join(("pass" if g["passed"] else "**FAIL**") + f" {g['name']}" for g in row["gates"]) or "none"
+            lines.append(
+                f"| `{a['file']}` | {size} | {row['verified_by']} | {_fmt(p['cosine_mean'], 5)} / "
+                f"{_fmt(p['cosine_min'], 5)} / {_fmt(p['cosine_p1'], 5)} | {_pct(p['lfw_accuracy'])} | "
+                f"{100 * p['lfw_accuracy_drop']:+.2f} pt | {_pct(p['tar_at_far_1e-03'])} | {p['flips']} "
+                f"({_pct(p['flip_rate'])}) | {_fmt(p['threshold'])} | {gates} |"
+            )
     for caption, file in (figures or {}).items():
         lines += ["", f"![{caption}]({file})"]
     lines += _benchmark_lines(report)
@@ -115,7 +117,8 @@ def render_markdown(report: dict[str, Any], figures: dict[str, str] | None = Non
             cells = " | ".join(_latency_cell(a["latency_ms"], k) for k in thread_keys)
             lines.append(f"| `{a['file']}` | {cells} |")
         else:
-            lines.append(f"| `{a['file']}` | " + " | ".join("not run on this host" for _ in thread_keys) + " |")
+            note = "not timed: emulated on this host" if a["verified_by"] else "not run on this host"
+            lines.append(f"| `{a['file']}` | " + " | ".join(note for _ in thread_keys) + " |")
     for name, rows in report["peers"].items():
         lines.append(f"| {name.replace('_', ' ')} | " + " | ".join(_latency_cell(rows, k) for k in thread_keys) + " |")
     lines += ["", "## Build stages", "", "| stage | subject | seconds |", "|---|---|---|"]

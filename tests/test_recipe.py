@@ -39,7 +39,7 @@ def test_every_problem_is_reported_at_once_with_its_yaml_path(tmp_path: Path, da
     data = recipe_dict(data_root)
     data["model"]["embeding_size"] = 64  # misspelt key
     data["model"]["input"] = {"size": "112"}  # wrong type
-    data["targets"].append({"format": "coreml", "precisions": ["fp32"]})  # Core ML builds fp16/int8
+    data["targets"].append({"format": "coreml", "precisions": ["fp32"]})  # Core ML builds fp16/w8/int8
     data["targets"].append({"format": "onnx", "precisions": ["fp32"]})  # unknown format
     problems = problems_of(write(tmp_path, data))
     joined = "\n".join(problems)
@@ -56,7 +56,7 @@ def test_cross_field_rules_name_the_key_and_the_fix(tmp_path: Path, data_root: P
     data["data"]["evaluation"]["pairs"] = "missing_pairs.txt"
     data["gates"] = {"int8": {"cosine_mean_min": 1.5}}
     joined = "\n".join(problems_of(write(tmp_path, data)))
-    assert "targets[1].precisions[0]: coreml cannot produce 'fp32'; supported: fp16, int8" in joined
+    assert "targets[1].precisions[0]: coreml cannot produce 'fp32'; supported: fp16, w8, int8" in joined
     assert "data.calibration.count: 100 is fewer than 300" in joined
     assert "data.evaluation.pairs: file not found" in joined
     assert "gates.int8.cosine_mean_min: a cosine lies in [-1, 1]" in joined

@@ -1,5 +1,6 @@
 """Each target compiled from a tiny model with MobileFaceNet's op mix, then run in its own runtime."""
 
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -79,8 +80,13 @@ def test_executorch_refuses_a_graph_that_is_not_fully_delegated(tmp_path) -> Non
     assert not list(tmp_path.glob("*.pte")), "nothing half-written"
 
 
-@pytest.mark.parametrize("precision", ["fp16", "int8"])
-def test_coreml_program_is_built_with_the_promised_weights(tiny_backbone, tmp_path, precision) -> None:
+@pytest.mark.parametrize(("precision", "weights_int8", "activations_int8", "min_cosine"), [
+    ("fp16", False, False, 0.999), ("w8", True, False, 0.999),
+    # Minutes: coremltools' PT2E CoreMLQuantizer re-exports each of its annotation patterns in prepare_pt2e.
+    pytest.param("int8", True, True, 0.98, marks=pytest.mark.slow),
+])
+def test_coreml_program_is_built_as_promised_and_matches_pytorch(tiny_backbone, tmp_path, precision, weights_int8,
+                                                                 activations_int8, min_cosine) -> None:
     import coremltools as ct
 
     target, artifact = compile_tiny(tiny_backbone, "coreml", precision, tmp_path)
@@ -88,8 +94,34 @@ def test_coreml_program_is_built_with_the_promised_weights(tiny_backbone, tmp_pa
     spec = ct.models.MLModel(str(artifact.path), skip_model_load=True).get_spec()
     assert [i.name for i in spec.description.input] == ["image"]
     assert [o.name for o in spec.description.output] == ["embedding"]
-    ops = {op.type for function in spec.mlProgram.functions.values()
-           for block in function.block_specializations.values() for op in block.operations}
-    assert ("constexpr_affine_dequantize" in ops) == (precision == "int8")
-    if target.host_support() is not None:
-        assert target.load_runner(artifact.path) is None
+    ops = [op.type for function in spec.mlProgram.functions.values()
+           for block in function.block_specializations.values() for op in block.operations]
+    assert ("constexpr_affine_dequantize" in ops) == weights_int8
+    # W8A8: every conv reads a dequantised int8 activation.
+    assert ops.count("quantize") >= (ops.count("conv") if activations_int8 else 0)
+    assert ("quantize" in ops) == activations_int8 and ("dequantize" in ops) == activations_int8
+    # Off macOS this runs in the factory's reference interpreter, on macOS in Core ML itself.
+    parity = run_parity(target, artifact, tiny_backbone)
+    assert parity["cosine_mean"] >= min_cosine, parity
+
+
+@pytest.mark.skipif(platform.system() == "Darwin", reason="off macOS only: the reference interpreter verifies")
+def test_coreml_off_macos_is_verified_by_the_reference_interpreter_and_not_timed() -> None:
+    target = get_target("coreml")
+    assert target.host_support() is None
+    assert target.runtime_name == "Core ML reference interpreter (factory, fp16 emulation)"
+    assert target.host_latency is False
+    assert target.extra_runners(Path("unused.mlpackage")) == {}
+
+
+@pytest.mark.skipif(platform.system() != "Darwin", reason="Core ML's runtime (CPU, GPU, Neural Engine) is macOS-only")
+def test_coreml_on_macos_verifies_on_cpu_gpu_and_neural_engine(tiny_backbone, tmp_path) -> None:
+    target, artifact = compile_tiny(tiny_backbone, "coreml", "fp16", tmp_path)
+    assert target.runtime_name == "Core ML runtime (macOS, CPU_ONLY)" and target.host_latency
+    extra = target.extra_runners(artifact.path)
+    assert set(extra) == {"Core ML runtime (macOS, CPU_AND_GPU)", "Core ML runtime (macOS, CPU_AND_NE)"}
+    x = pixels(8, 1)
+    with torch.no_grad():
+        reference = Embedder(tiny_backbone, MEAN, STD, 32).eval()(torch.from_numpy(x)).numpy()
+    for runtime, runner in extra.items():
+        assert cosine_summary(runner(x), reference)["cosine_mean"] >= 0.999, runtime

@@ -106,6 +106,8 @@ class Target(Protocol):
     suffix: str
     precisions: tuple[str, ...]
     runtime_name: str
+    # False when this host's runner emulates the runtime: its timings would say nothing about the format.
+    host_latency: bool
 
     def compile(self, request: CompileRequest) -> CompiledArtifact:
         """Write the artifact to `request.output` (atomically) and describe it."""
@@ -115,6 +117,9 @@ class Target(Protocol):
 
     def host_support(self) -> str | None:
         """None when artifacts run on this host, else why not (shown in reports)."""
+
+    def extra_runners(self, path: Path) -> dict[str, Runner]:
+        """Further runtimes on this host that also run the artifact, by name; each is verified as its own row."""
 
 
 _TARGETS: dict[str, Target] = {}

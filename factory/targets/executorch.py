@@ -35,6 +35,7 @@ class ExecuTorchTarget:
     suffix = ".pte"
     precisions = ("fp32", "int8")
     runtime_name = "executorch.runtime (XNNPACK)"
+    host_latency = True
 
     def compile(self, request: CompileRequest) -> CompiledArtifact:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -105,6 +106,9 @@ class ExecuTorchTarget:
             return method.execute([torch.from_numpy(x)])[0].numpy().copy()
 
         return batched(run_one)
+
+    def extra_runners(self, path: Path) -> dict[str, Runner]:
+        return {}
 
     def host_support(self) -> str | None:
         return None

@@ -24,6 +24,7 @@ class TFLiteTarget:
     suffix = ".tflite"
     precisions = ("fp32", "int8")
     runtime_name = "LiteRT Interpreter (ai-edge-litert)"
+    host_latency = True
 
     def compile(self, request: CompileRequest) -> CompiledArtifact:
         import litert_torch
@@ -85,6 +86,9 @@ class TFLiteTarget:
             return interpreter.get_tensor(output_index).copy()
 
         return batched(run_one)
+
+    def extra_runners(self, path: Path) -> dict[str, Runner]:
+        return {}
 
     def host_support(self) -> str | None:
         return None
