@@ -222,21 +222,35 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
             printer(f"[verify] {artifact.path.name}: {unsupported}")
             artifacts.append(entry)
             continue
-        with log.stage(Stage.VERIFY, f"{artifact.path.name} on {len(evaluation.paths)} faces"):
+        pairs_set, pairs_reference, pairs_verification = evaluation, reference, ref_verification
+        limit = recipe.data.evaluation.emulated_max_pairs
+        if not target.host_latency and limit is not None and limit < len(evaluation.pairs):
+            pairs_set, images = evaluation.subset(limit)
+            pairs_reference = reference[images]
+            pairs_verification = pairs_set.verification(pairs_reference)
+        entry["parity_set"] = {"pairs": len(pairs_set.pairs), "images": len(pairs_set.paths),
+                               "reference_accuracy": pairs_verification["accuracy"]}
+        with log.stage(Stage.VERIFY, f"{artifact.path.name} on {len(pairs_set.paths)} faces"):
             runner = target.load_runner(artifact.path, all_threads())
-            embeddings = runner(evaluation.pixels(artifact.input_layout))
-            parity, similarities = _parity(embeddings, reference, evaluation, ref_verification)
-            curves[artifact.path.name] = (similarities, evaluation.same)
-            cosines[artifact.path.name] = cosine_rows(embeddings, reference)
+            embeddings = runner(pairs_set.pixels(artifact.input_layout))
+            parity, similarities = _parity(embeddings, pairs_reference, pairs_set, pairs_verification)
+            curves[artifact.path.name] = (similarities, pairs_set.same)
+            cosines[artifact.path.name] = cosine_rows(embeddings, pairs_reference)
             gate = recipe.gates.get(artifact.precision)
             entry.update(verified_by=target.runtime_name, status="verified", parity=parity,
                          gates=evaluate_gates(gate, parity))
             for runtime, other_runner in target.extra_runners(artifact.path).items():
-                other, _ = _parity(other_runner(evaluation.pixels(artifact.input_layout)), reference, evaluation,
-                                   ref_verification)
+                other, _ = _parity(other_runner(pairs_set.pixels(artifact.input_layout)), pairs_reference,
+                                   pairs_set, pairs_verification)
                 entry["other_runtimes"].append({"verified_by": runtime, "parity": other,
                                                 "gates": evaluate_gates(gate, other)})
-        for name, pair_set in benchmarks.items():
+        if pairs_set is not evaluation:
+            printer(f"  {artifact.path.name}: emulated, so verified on {len(pairs_set.pairs)} of "
+                    f"{len(evaluation.pairs)} pairs (data.evaluation.emulated_max_pairs); further benchmarks skipped")
+            benchmarks_for_artifact = {}
+        else:
+            benchmarks_for_artifact = benchmarks
+        for name, pair_set in benchmarks_for_artifact.items():
             with log.stage(Stage.VERIFY, f"{artifact.path.name} on benchmark {name}"):
                 entry["benchmarks"][name] = _benchmark_parity(
                     runner(pair_set.pixels(artifact.input_layout)), pair_set, benchmark_reference[name])

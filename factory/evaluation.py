@@ -34,6 +34,19 @@ class EvaluationSet:
         x = self.pixels_nhwc.astype(np.float32)
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2) if layout == "NCHW" else x)
 
+    def subset(self, max_pairs: int) -> tuple[EvaluationSet, np.ndarray]:
+        """A fold-balanced subset of about `max_pairs` pairs, and the indices of its images in this set."""
+        chosen = np.sort(balanced_pair_indices(self.same, self.folds, max_pairs))
+        images = np.unique(np.concatenate([self.index_a[chosen], self.index_b[chosen]]))
+        position = np.full(len(self.paths), -1)
+        position[images] = np.arange(len(images))
+        subset = EvaluationSet(
+            pairs=[self.pairs[i] for i in chosen], paths=[self.paths[i] for i in images],
+            pixels_nhwc=self.pixels_nhwc[images], index_a=position[self.index_a[chosen]],
+            index_b=position[self.index_b[chosen]], same=self.same[chosen], folds=self.folds[chosen],
+        )
+        return subset, images
+
     def verification(self, embeddings: np.ndarray) -> dict[str, object]:
         """10-fold accuracy, TAR at FAR 1e-3 / 1e-4, best threshold, and the pair similarities.
 
@@ -48,15 +61,18 @@ class EvaluationSet:
                 **{key: None if np.isnan(value) else value for key, value in tars.items()}}
 
 
+def balanced_pair_indices(same: np.ndarray, folds: np.ndarray, max_pairs: int) -> np.ndarray:
+    """Indices of the first pairs of each fold, as many same as different, about `max_pairs` in all."""
+    fold_ids = np.unique(folds)
+    per_class = max(1, max_pairs // (2 * len(fold_ids)))
+    kept = [np.flatnonzero((folds == fold) & (same == flag))[:per_class] for fold in fold_ids for flag in (True, False)]
+    return np.concatenate(kept) if kept else np.zeros(0, np.int64)
+
+
 def subsample_pairs(pairs: list[Pair], max_pairs: int) -> list[Pair]:
     """Keep the first pairs of each fold, as many same as different, `max_pairs` in all."""
-    folds = sorted({p.fold for p in pairs})
-    per_class = max(1, max_pairs // (2 * len(folds)))
-    kept = []
-    for fold in folds:
-        for same in (True, False):
-            kept.extend([p for p in pairs if p.fold == fold and p.same == same][:per_class])
-    return kept
+    index = balanced_pair_indices(np.array([p.same for p in pairs]), np.array([p.fold for p in pairs]), max_pairs)
+    return [pairs[i] for i in index]
 
 
 def load_evaluation_set(recipe: Recipe) -> EvaluationSet:

@@ -117,6 +117,9 @@ class EvaluationConfig:
     images: str
     min_parity_images: int = 1000
     max_pairs: int | None = None
+    # Artifacts this host can only emulate (Core ML off macOS: ~10x slower than a runtime) are verified on
+    # a fold-balanced subset of this many pairs, against the reference on the same subset. None: all pairs.
+    emulated_max_pairs: int | None = None
 
 
 @dataclass
@@ -356,6 +359,9 @@ def _check_rules(recipe: Recipe, problems: list[str]) -> None:
     ]
     if not evaluation.pairs.endswith(".bin"):  # an insightface .bin file carries its own images
         checks.append(("data.evaluation.images", str(Path(recipe.data.root) / evaluation.images), "dir"))
+    if evaluation.emulated_max_pairs is not None and evaluation.emulated_max_pairs < 20:
+        problems.append("data.evaluation.emulated_max_pairs: at least 20 (one same and one different pair per fold), "
+                        f"got {evaluation.emulated_max_pairs}")
     names = [benchmark.name for benchmark in recipe.data.benchmarks]
     for index, benchmark in enumerate(recipe.data.benchmarks):
         if names.count(benchmark.name) > 1:

@@ -89,11 +89,15 @@ def render_markdown(report: dict[str, Any], figures: dict[str, str] | None = Non
         if p is None:
             lines.append(f"| `{a['file']}` | {size} | — | {a['status']} | — | — | — | — | — | — |")
             continue
+        subset = a.get("parity_set") or {}
+        scope = ("" if subset.get("pairs", ev["pairs"]) >= ev["pairs"] else
+                 f" — on {subset['pairs']} of the pairs ({subset['images']} faces; reference there "
+                 f"{_pct(subset['reference_accuracy'])})")
         for row in (a, *a["other_runtimes"]):  # other runtimes: e.g. Core ML's GPU and Neural Engine on macOS
             p = row["parity"]
             gates = ", ".join(("pass" if g["passed"] else "**FAIL**") + f" {g['name']}" for g in row["gates"]) or "none"
             lines.append(
-                f"| `{a['file']}` | {size} | {row['verified_by']} | {_fmt(p['cosine_mean'], 5)} / "
+                f"| `{a['file']}` | {size} | {row['verified_by']}{scope} | {_fmt(p['cosine_mean'], 5)} / "
                 f"{_fmt(p['cosine_min'], 5)} / {_fmt(p['cosine_p1'], 5)} | {_pct(p['lfw_accuracy'])} | "
                 f"{100 * p['lfw_accuracy_drop']:+.2f} pt | {_pct(p['tar_at_far_1e-03'])} | {p['flips']} "
                 f"({_pct(p['flip_rate'])}) | {_fmt(p['threshold'])} | {gates} |"

@@ -55,3 +55,33 @@ def test_eval_of_a_missing_artifact_is_a_clear_error(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "factory", "eval", str(recipe), "--artifact", "nope.tflite"],
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2 and "artifact not found: nope.tflite" in result.stderr
+
+
+def test_fold_balanced_subset_keeps_its_pairs_images_and_reference_rows() -> None:
+    import numpy as np
+
+    from factory.data import Pair
+    from factory.evaluation import EvaluationSet
+
+    rng = np.random.default_rng(0)
+    folds = np.repeat(np.arange(10), 20)
+    same = np.tile(np.repeat([True, False], 10), 10)
+    index_a, index_b = rng.integers(0, 150, 200), rng.integers(0, 150, 200)
+    paths = [Path(f"img{i}.jpg") for i in range(150)]
+    full = EvaluationSet(
+        pairs=[Pair(paths[a], paths[b], bool(s), int(f)) for a, b, s, f in zip(index_a, index_b, same, folds)],
+        paths=paths, pixels_nhwc=np.arange(150, dtype=np.uint8).reshape(150, 1, 1, 1),
+        index_a=index_a, index_b=index_b, same=same, folds=folds,
+    )
+    subset, images = full.subset(60)
+    assert len(subset.pairs) == 60 and subset.same.sum() == 30
+    assert np.bincount(subset.folds).tolist() == [6] * 10
+    embeddings = rng.normal(size=(150, 8))
+    # The subset's pairs point at the same images as the full set's pairs they came from.
+    for k, pair in enumerate(subset.pairs):
+        assert subset.paths[subset.index_a[k]] == pair.path_a and subset.paths[subset.index_b[k]] == pair.path_b
+        assert int(subset.pixels_nhwc[subset.index_a[k], 0, 0, 0]) == paths.index(pair.path_a)
+    sims_subset = subset.verification(embeddings[images])["similarities"]
+    sims_full = full.verification(embeddings)["similarities"]
+    chosen = [k for k, p in enumerate(full.pairs) if p in subset.pairs]
+    assert np.allclose(np.sort(sims_subset), np.sort(sims_full[chosen]))
