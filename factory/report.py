@@ -105,6 +105,7 @@ def render_markdown(report: dict[str, Any], figures: dict[str, str] | None = Non
     for caption, file in (figures or {}).items():
         lines += ["", f"![{caption}]({file})"]
     lines += _benchmark_lines(report)
+    lines += _coreml_app_lines(artifacts)
     lines += [
         "",
         "## Host latency per face (batch 1, ms: median / p90)",
@@ -128,6 +129,60 @@ def render_markdown(report: dict[str, Any], figures: dict[str, str] | None = Non
     lines += ["", "## Build stages", "", "| stage | subject | seconds |", "|---|---|---|"]
     lines += [f"| {r['stage']} | {r['subject']} | {r['seconds']} |" for r in report["stages"]]
     return "\n".join(lines) + "\n"
+
+
+# Apple's coremltools performance guide ("Quantization overview: impact on latency and compute unit
+# considerations"): weight-only compression is decompressed at load time (fp16 speed, smaller app);
+# activation quantisation pays off only on the Neural Engine, where A17 Pro / M4 add int8-int8 compute,
+# and can be slower than fp16 on the CPU and GPU.
+_COREML_ADVICE = {
+    "fp16": "`.all` (default): runs on the Neural Engine where available; the fastest choice on pre-A17 devices.",
+    "w8": "`.all`: weights are decompressed to fp16 when the model loads, so it runs like fp16 with half the "
+          "download and app size.",
+    "int8": "`.cpuAndNeuralEngine` on A17 Pro / M4 and later, whose Neural Engine computes int8 x int8; on "
+            "older devices or on the CPU/GPU quantised activations can be slower than fp16: ship `w8` there.",
+}
+
+
+def _coreml_app_lines(artifacts: list[dict[str, Any]]) -> list[str]:
+    """What an app developer needs for each Core ML artifact: OS, I/O as Xcode shows it, compute units."""
+    coreml = [a for a in artifacts if a["format"] == "coreml"]
+    if not coreml:
+        return []
+    lines = [
+        "", "## Core ML in an app", "",
+        "Xcode generates a class per `.mlpackage`; inputs and outputs are `MLMultiArray`s (not an image "
+        "input, so no Core ML resizing or colour conversion happens behind the app's back): fill the input "
+        "with the aligned face's RGB values 0-255, channel-major, and read the unit-length embedding.", "",
+        "| artifact | minimum OS | input | output | compute units |", "|---|---|---|---|---|",
+    ]
+    for a in coreml:
+        io, os_version = a["io"], str(a["details"].get("deployment_target", "—"))
+        lines.append(
+            f"| `{a['file']}` | {os_version.replace('iOS', 'iOS ')} / macOS {_macos_for(os_version)} | "
+            f"`{io['input']['name']}`: MLMultiArray Float32 {io['input']['shape']} | "
+            f"`{io['output']['name']}`: MLMultiArray Float32 {io['output']['shape']} | "
+            f"{_COREML_ADVICE.get(a['precision'], '`.all`')} |"
+        )
+    example = coreml[0]["io"]
+    lines += [
+        "", "```swift",
+        "let config = MLModelConfiguration()",
+        "config.computeUnits = .all",
+        "let model = try MLModel(contentsOf: compiledModelURL, configuration: config)  // Xcode compiles the package",
+        f"let input = try MLMultiArray(shape: {example['input']['shape']}, dataType: .float32)  "
+        "// R plane, then G, then B; values 0-255",
+        f"let output = try model.prediction(from: MLDictionaryFeatureProvider(dictionary: "
+        f"[\"{example['input']['name']}\": input]))",
+        f"let embedding = output.featureValue(for: \"{example['output']['name']}\")!.multiArrayValue!  "
+        "// dot product = cosine",
+        "```",
+    ]
+    return lines
+
+
+def _macos_for(ios: str) -> str:
+    return {"iOS16": "13", "iOS17": "14", "iOS18": "15"}.get(ios, "—")
 
 
 def _benchmark_lines(report: dict[str, Any]) -> list[str]:

@@ -93,7 +93,9 @@ def test_build_writes_seven_verified_artifacts_and_a_manifest(tmp_path: Path, fa
     for artifact in report["artifacts"]:
         if artifact["status"] == "verified":
             assert abs(artifact["benchmarks"]["CelebA pairs"]["accuracy_drop"]) <= 0.05
-    assert "## Further benchmarks (not gated)" in (out / "report.md").read_text()
+    card = (out / "report.md").read_text()
+    assert "## Further benchmarks (not gated)" in card
+    assert "| `mobilefacenet_reduced_int8.mlpackage` | iOS 17 / macOS 14 | `image`: MLMultiArray Float32" in card
     assert (out / "report.md").read_text().count("| `mobilefacenet_reduced_") >= 12
     assert (out / "roc.png").stat().st_size > 10_000 and (out / "cosine_histogram.png").stat().st_size > 10_000
     html = (out / "report.html").read_text()

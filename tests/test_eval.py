@@ -69,7 +69,8 @@ def test_fold_balanced_subset_keeps_its_pairs_images_and_reference_rows() -> Non
     index_a, index_b = rng.integers(0, 150, 200), rng.integers(0, 150, 200)
     paths = [Path(f"img{i}.jpg") for i in range(150)]
     full = EvaluationSet(
-        pairs=[Pair(paths[a], paths[b], bool(s), int(f)) for a, b, s, f in zip(index_a, index_b, same, folds)],
+        pairs=[Pair(paths[a], paths[b], bool(s), int(f))
+               for a, b, s, f in zip(index_a, index_b, same, folds, strict=True)],
         paths=paths, pixels_nhwc=np.arange(150, dtype=np.uint8).reshape(150, 1, 1, 1),
         index_a=index_a, index_b=index_b, same=same, folds=folds,
     )
