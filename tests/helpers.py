@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from factory.models.mobilefacenet import Bottleneck, ConvBlock
+from factory.models.mobilefacenet import Bottleneck, conv_block
 
 REPO = Path(__file__).resolve().parents[1]
 FACES = (REPO.parent / "shared" / "data" / "faces").resolve()
@@ -21,12 +21,12 @@ class TinyFaceNet(nn.Module):
     def __init__(self, embedding_size: int = 32) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            ConvBlock(3, 16, 3, stride=2),
+            conv_block(3, 16, 3, stride=2),
             Bottleneck(16, 16, 1, 2),
             Bottleneck(16, 32, 2, 2),
-            ConvBlock(32, 64, 1),
-            ConvBlock(64, 64, 28, groups=64, linear=True),
-            ConvBlock(64, embedding_size, 1, linear=True),
+            conv_block(32, 64, 1),
+            conv_block(64, 64, 28, groups=64, linear=True),
+            conv_block(64, embedding_size, 1, linear=True),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from factory.models.layers import ConvBNAct, init_weights
 from factory.models.registry import register_model
 
 # (output channels at width 1.0, stride) of the 13 depthwise separable layers — MobileNetV1 Table 1.
@@ -59,15 +60,15 @@ def scaled(channels: int, width: float) -> int:
     return max(int(channels * width), MIN_CHANNELS)
 
 
-class ConvBNReLU(nn.Sequential):
+def conv_bn_relu6(
+    in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1
+) -> ConvBNAct:
     """Convolution + batch norm + ReLU6."""
+    return ConvBNAct(in_channels, out_channels, kernel_size, stride, groups, _relu6)
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1) -> None:
-        super().__init__(
-            nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU6(),
-        )
+
+def _relu6(_channels: int) -> nn.Module:
+    return nn.ReLU6()
 
 
 class DepthwiseSeparable(nn.Sequential):
@@ -75,8 +76,8 @@ class DepthwiseSeparable(nn.Sequential):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
         super().__init__(
-            ConvBNReLU(in_channels, in_channels, 3, stride=stride, groups=in_channels),
-            ConvBNReLU(in_channels, out_channels, 1),
+            conv_bn_relu6(in_channels, in_channels, 3, stride=stride, groups=in_channels),
+            conv_bn_relu6(in_channels, out_channels, 1),
         )
 
 
@@ -96,7 +97,7 @@ class FastFaceNet(nn.Module):
         if input_size % 16 != 0:
             raise ValueError(f"Fast-FaceNet needs an input size divisible by 16, got {input_size}")
         channels = scaled(32, width)
-        layers: list[nn.Module] = [ConvBNReLU(3, channels, 3, stride=2)]
+        layers: list[nn.Module] = [conv_bn_relu6(3, channels, 3, stride=2)]
         for out_channels, stride in SEPARABLE_SETTINGS:
             layers.append(DepthwiseSeparable(channels, scaled(out_channels, width), stride))
             channels = scaled(out_channels, width)
@@ -105,15 +106,7 @@ class FastFaceNet(nn.Module):
         self.embedding = nn.Sequential(nn.Linear(channels, embedding_size, bias=False), nn.BatchNorm1d(embedding_size))
         self.width = width
         self.embedding_size = embedding_size
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out")
-            elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.embedding(self.features(x).mean(dim=(2, 3)))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from factory.models.layers import ConvBNAct, init_weights
 from factory.models.registry import register_model
 
 BLOCK_CHANNELS: tuple[int, ...] = (32, 64, 128, 256)
@@ -30,22 +31,20 @@ FUSED_CHANNELS = 960
 DROPOUT = 0.5
 
 
-class ConvBNReLU(nn.Sequential):
+def conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> ConvBNAct:
     """3x3 convolution + batch norm + ReLU."""
+    return ConvBNAct(in_channels, out_channels, 3, stride, activation=_relu)
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
-        super().__init__(
-            nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(),
-        )
+
+def _relu(_channels: int) -> nn.Module:
+    return nn.ReLU()
 
 
 class CompactBlock(nn.Sequential):
     """Stride-2 3x3 convolution then a 3x3 convolution: halves the resolution, sets the width."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(ConvBNReLU(in_channels, out_channels, stride=2), ConvBNReLU(out_channels, out_channels))
+        super().__init__(conv_bn_relu(in_channels, out_channels, stride=2), conv_bn_relu(out_channels, out_channels))
 
 
 class LEFV(nn.Module):
@@ -80,15 +79,7 @@ class LEFV(nn.Module):
         self.embedding = nn.Sequential(nn.Linear(FUSED_CHANNELS, embedding_size, bias=False),
                                        nn.BatchNorm1d(embedding_size))
         self.embedding_size = embedding_size
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scales = []

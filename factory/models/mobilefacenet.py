@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from factory.models.layers import ConvBNAct, init_weights
 from factory.models.registry import register_model
 
 # (expansion t, output channels c, repeats n, first stride s) — Table 1 of the paper.
@@ -36,26 +37,11 @@ BOTTLENECK_SETTINGS: tuple[tuple[int, int, int, int], ...] = (
 )
 
 
-class ConvBlock(nn.Sequential):
+def conv_block(
+    in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1, linear: bool = False
+) -> ConvBNAct:
     """Convolution + batch norm, followed by PReLU unless the block is linear."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int,
-        stride: int = 1,
-        groups: int = 1,
-        linear: bool = False,
-    ) -> None:
-        padding = kernel_size // 2 if kernel_size in (1, 3) else 0
-        layers: list[nn.Module] = [
-            nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False),
-            nn.BatchNorm2d(out_channels),
-        ]
-        if not linear:
-            layers.append(nn.PReLU(out_channels))
-        super().__init__(*layers)
+    return ConvBNAct(in_channels, out_channels, kernel_size, stride, groups, None if linear else nn.PReLU)
 
 
 class Bottleneck(nn.Module):
@@ -66,9 +52,9 @@ class Bottleneck(nn.Module):
         hidden = in_channels * expansion
         self.use_residual = stride == 1 and in_channels == out_channels
         self.block = nn.Sequential(
-            ConvBlock(in_channels, hidden, 1),
-            ConvBlock(hidden, hidden, 3, stride=stride, groups=hidden),
-            ConvBlock(hidden, out_channels, 1, linear=True),
+            conv_block(in_channels, hidden, 1),
+            conv_block(hidden, hidden, 3, stride=stride, groups=hidden),
+            conv_block(hidden, out_channels, 1, linear=True),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,8 +76,8 @@ class MobileFaceNet(nn.Module):
             raise ValueError(f"MobileFaceNet needs an input size divisible by 16, got {input_size}")
         feature_side = input_size // 16
         layers: list[nn.Module] = [
-            ConvBlock(3, 64, 3, stride=2),
-            ConvBlock(64, 64, 3, groups=64),
+            conv_block(3, 64, 3, stride=2),
+            conv_block(64, 64, 3, groups=64),
         ]
         channels = 64
         for expansion, out_channels, repeats, first_stride in BOTTLENECK_SETTINGS:
@@ -99,21 +85,13 @@ class MobileFaceNet(nn.Module):
                 stride = first_stride if index == 0 else 1
                 layers.append(Bottleneck(channels, out_channels, stride, expansion))
                 channels = out_channels
-        layers.append(ConvBlock(channels, 512, 1))
+        layers.append(conv_block(channels, 512, 1))
         self.features = nn.Sequential(*layers)
         # Global depthwise convolution: one 7x7 (at 112 input) linear filter per channel.
-        self.gdc = ConvBlock(512, 512, feature_side, groups=512, linear=True)
-        self.embedding = ConvBlock(512, embedding_size, 1, linear=True)
+        self.gdc = conv_block(512, 512, feature_side, groups=512, linear=True)
+        self.embedding = conv_block(512, embedding_size, 1, linear=True)
         self.embedding_size = embedding_size
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)

@@ -44,29 +44,19 @@ from typing import Literal
 import torch
 from torch import nn
 
+from factory.models.layers import ConvBNAct, init_weights
 from factory.models.registry import register_model
 
 
-class ConvBNAct(nn.Sequential):
+def hswish_block(
+    in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1, groups: int = 1, linear: bool = False
+) -> ConvBNAct:
     """Convolution + batch norm, followed by h-swish unless the block is linear."""
+    return ConvBNAct(in_channels, out_channels, kernel_size, stride, groups, None if linear else _hardswish)
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int = 1,
-        stride: int = 1,
-        groups: int = 1,
-        linear: bool = False,
-    ) -> None:
-        padding = kernel_size // 2 if kernel_size in (1, 3) else 0
-        layers: list[nn.Module] = [
-            nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False),
-            nn.BatchNorm2d(out_channels),
-        ]
-        if not linear:
-            layers.append(nn.Hardswish())
-        super().__init__(*layers)
+
+def _hardswish(_channels: int) -> nn.Module:
+    return nn.Hardswish()
 
 
 class SqueezeExcitation(nn.Module):
@@ -145,22 +135,22 @@ class SeesawBlock(nn.Module):
         super().__init__()
         self.in_small = in_channels // 4
         self.shuffle = shuffle
-        self.expand_small = ConvBNAct(self.in_small, hidden // 4)
-        self.expand_large = ConvBNAct(in_channels - self.in_small, hidden - hidden // 4)
-        self.depthwise = ConvBNAct(hidden, hidden, 3, stride=stride, groups=hidden)
+        self.expand_small = hswish_block(self.in_small, hidden // 4)
+        self.expand_large = hswish_block(in_channels - self.in_small, hidden - hidden // 4)
+        self.depthwise = hswish_block(hidden, hidden, 3, stride=stride, groups=hidden)
         self.excite = SqueezeExcitation(hidden)
         # With the shuffle the quarter-width projection reads the first quarter; the share variant reads the
         # first three quarters with the wide projection, so each projection spans both expansions.
         self.hidden_first = hidden // 4 if shuffle else hidden - hidden // 4
-        self.project_small = ConvBNAct(hidden // 4, out_channels // 4, linear=True)
-        self.project_large = ConvBNAct(hidden - hidden // 4, out_channels - out_channels // 4, linear=True)
+        self.project_small = hswish_block(hidden // 4, out_channels // 4, linear=True)
+        self.project_large = hswish_block(hidden - hidden // 4, out_channels - out_channels // 4, linear=True)
         self.identity = stride == 1 and in_channels == out_channels
         self.downsample: nn.Module | None = None
         if not self.identity:
             if shortcut == "conv":
-                self.downsample = ConvBNAct(in_channels, out_channels, 1, stride=stride)
+                self.downsample = hswish_block(in_channels, out_channels, 1, stride=stride)
             elif shortcut == "pool_conv":
-                self.downsample = nn.Sequential(nn.MaxPool2d(2, 2), ConvBNAct(in_channels, out_channels))
+                self.downsample = nn.Sequential(nn.MaxPool2d(2, 2), hswish_block(in_channels, out_channels))
             elif shortcut != "none":
                 raise ValueError(f"unknown seesaw shortcut {shortcut!r}; use 'none', 'conv' or 'pool_conv'")
 
@@ -199,8 +189,8 @@ class SeesawFaceNet(nn.Module):
             raise ValueError(f"SeesawFaceNet needs an input size divisible by 16, got {input_size}")
         spec = VARIANTS[variant]
         layers: list[nn.Module] = [
-            ConvBNAct(3, spec.stem, 3, stride=2),
-            ConvBNAct(spec.stem, spec.stem, 3, groups=spec.stem),
+            hswish_block(3, spec.stem, 3, stride=2),
+            hswish_block(spec.stem, spec.stem, 3, groups=spec.stem),
         ]
         channels = spec.stem
         for out_channels, first_hidden, hidden, blocks in spec.stages:
@@ -208,22 +198,14 @@ class SeesawFaceNet(nn.Module):
             layers += [SeesawBlock(out_channels, out_channels, hidden, 1, spec.shuffle, spec.shortcut)
                        for _ in range(blocks - 1)]
             channels = out_channels
-        layers.append(ConvBNAct(channels, 512))
+        layers.append(hswish_block(channels, 512))
         self.features = nn.Sequential(*layers)
         # Global depthwise convolution: one 7x7 (at 112 input) linear filter per channel.
-        self.gdc = ConvBNAct(512, 512, input_size // 16, groups=512, linear=True)
+        self.gdc = hswish_block(512, 512, input_size // 16, groups=512, linear=True)
         self.embedding = nn.Sequential(nn.Flatten(1), nn.Linear(512, embedding_size, bias=False),
                                        nn.BatchNorm1d(embedding_size))
         self.embedding_size = embedding_size
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out")
-            elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.embedding(self.gdc(self.features(x)))
