@@ -1,6 +1,6 @@
 # Two entry points, both self-installing on a fresh machine (Python 3.11, pip):
 #   make build   - full MobileFaceNet build: six verified artifacts + report in reports/mobilefacenet/
-#   make test    - the test suite (fast unit tests + a reduced real-face build; about 10 minutes on 2 cores)
+#   make test    - the test suite (fast unit tests + a reduced real-face build; about 15 minutes on 2 cores)
 VENV := .venv
 PY := $(VENV)/bin/python
 
