@@ -24,7 +24,7 @@ from factory.deploy import Embedder
 from factory.errors import FactoryError
 from factory.evaluation import EvaluationSet, load_evaluation_set, load_pair_set, torch_embeddings
 from factory.golden import write_golden
-from factory.io import write_text_atomic
+from factory.io import display_path, write_text_atomic
 from factory.latency import all_threads, time_calls
 from factory.metrics import cosine_rows, cosine_summary, flip_rate
 from factory.models import create_model, model_entry
@@ -284,7 +284,7 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
         "recipe": recipe.name,
         "verdict": verdict,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": f"python -m factory build {_display_path(recipe.path)}",
+        "command": f"python -m factory build {display_path(recipe.path)}",
         "host": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                  "threads": all_threads()},
         "model": {
@@ -354,13 +354,6 @@ def _io(artifact: CompiledArtifact) -> dict[str, Any]:
                   "layout": artifact.input_layout},
         "output": {"name": artifact.output_name, "shape": artifact.output_shape, "dtype": artifact.output_dtype},
     }
-
-
-def _display_path(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 def _manifest(recipe: Recipe, report: dict[str, Any]) -> dict[str, Any]:

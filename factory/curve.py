@@ -19,7 +19,7 @@ import torch
 from factory.deploy import Embedder
 from factory.errors import FactoryError
 from factory.evaluation import EvaluationSet, load_evaluation_set, load_pair_set, torch_embeddings
-from factory.io import atomic_path, write_text_atomic
+from factory.io import atomic_path, display_path, write_text_atomic
 from factory.models import create_model
 from factory.recipe import Recipe
 from factory.weights import load_weights
@@ -70,8 +70,9 @@ def learning_curve(
     score = pair_scorer(recipe, per_epoch)
     curve = {
         "recipe": recipe.name,
-        "command": f"python -m factory curve {_shown(recipe.path)} --fractions {' '.join(f'{f:g}' for f in fractions)} "
-                   f"--epochs {epochs} --pairs-per-epoch {pairs_per_epoch or 0}",
+        "command": f"python -m factory curve {display_path(recipe.path)} --fractions "
+                   f"{' '.join(f'{f:g}' for f in fractions)} --epochs {epochs} "
+                   f"--pairs-per-epoch {pairs_per_epoch or 0}",
         "evaluation": {"pairs": recipe.data.evaluation.pairs, "count": len(evaluation.pairs),
                        "per_epoch_count": len(per_epoch.pairs),
                        "protocol": "10-fold verification accuracy, fp32 PyTorch"},
@@ -123,13 +124,6 @@ def _shipped_point(recipe: Recipe, score: Callable[[torch.nn.Module], dict[str, 
             "identities": training["identities"], "device": training["device"],
             "train_time_s": training["wall_time_s"], "accuracy": result["lfw_accuracy"],
             "accuracy_std": result["lfw_accuracy_std"]}
-
-
-def _shown(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 def curve_markdown(curve: dict) -> str:
