@@ -11,8 +11,11 @@ from pathlib import Path
 
 RUNNERS = Path(__file__).resolve().parent / "runners"
 
-# Which binaries each artifact format needs on the phone.
-NEEDED = {"tflite": ("benchmark_model", "tflite_embed"), "executorch": ("executor_runner",)}
+# Which binaries each artifact format needs on the phone. The official tools do parity and latency;
+# tflite_embed, when present, adds per-run percentiles to .tflite rows (benchmark_model prints
+# avg/std/min/max only) and stands in for a benchmark_model too old to write outputs.
+NEEDED = {"tflite": ("benchmark_model",), "executorch": ("executor_runner",)}
+OPTIONAL = {"tflite": ("tflite_embed",)}
 
 HOW_TO_GET = {
     "benchmark_model": (
@@ -26,7 +29,7 @@ HOW_TO_GET = {
         "(CMake + Android NDK, ExecuTorch v1.5.1 source) writes {path}"
     ),
     "tflite_embed": (
-        "the project's parity runner (mobile_harness/runners/tflite_embed): "
+        "the project's timing runner (mobile_harness/runners/tflite_embed): "
         "`mobile_harness/runners/build_kit.sh tflite_embed {abi}` (CMake + Android NDK) writes {path}"
     ),
 }
@@ -54,12 +57,15 @@ def _is_script(path: Path) -> bool:
 
 
 def kit_binaries(kit: Path, abi: str, formats: set[str]) -> dict[str, Path]:
-    """The binaries a device with `abi` needs for `formats`, checked; `KitError` lists every problem.
+    """The binaries a device with `abi` needs for `formats`, plus the optional ones the kit has, checked;
+    `KitError` lists every problem.
 
     Scripts (`#!`) are accepted as they are: the test kit's stand-ins are scripts.
     """
     binaries, problems = {}, []
-    for name in sorted({binary for fmt in formats for binary in NEEDED.get(fmt, ())}):
+    needed = {binary for fmt in formats for binary in NEEDED.get(fmt, ())}
+    optional = {binary for fmt in formats for binary in OPTIONAL.get(fmt, ())} - needed
+    for name in sorted(needed | {name for name in optional if (kit / abi / name).is_file()}):
         path = kit / abi / name
         if not path.is_file():
             problems.append(f"{path} is missing: " + HOW_TO_GET[name].format(

@@ -33,11 +33,21 @@ import numpy as np
 
 from mobile_harness.adb import Adb, AdbError, Device, DeviceGone, ShellTimeout
 from mobile_harness.kit import KitError, kit_binaries
-from mobile_harness.latency import RunnerOutputError, parse_benchmark_model, parse_executor_runner, parse_tflite_embed
+from mobile_harness.latency import (
+    RunnerOutputError,
+    executor_runner_total,
+    has_iteration_lines,
+    parse_benchmark_model,
+    parse_executor_runner,
+    parse_executor_runner_totals,
+    parse_tflite_embed,
+)
 from mobile_harness.manifest import Golden, load_golden, load_manifest
 from mobile_harness.parity import evaluate_gates, parity
 
 REMOTE_ROOT = "/data/local/tmp/mobile_harness"
+# Exit status of the on-phone parity script when a runner exited 0 but wrote no output file.
+NO_OUTPUT_FILE = 92
 ANDROID_FORMATS = {"tflite", "executorch"}
 DELEGATES = ("xnnpack", "cpu", "gpu", "nnapi")
 MIN_RUNS = 50
@@ -137,6 +147,7 @@ class DeviceRun:
         self.printer = printer
         self.remote = f"{REMOTE_ROOT}/{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
         self.path = result_path(build_dir, serial)
+        self.binaries: dict[str, Path] = {}
         self.result: dict[str, Any] = {
             "serial": serial, "status": "running", "reason": None, "failed_stage": None,
             "started": _now(), "finished": None, "command": command, "build": manifest.get("recipe"),
@@ -162,6 +173,7 @@ class DeviceRun:
                                         {a["format"] for a in artifacts})
             except KitError as error:
                 raise DeviceFailure("kit", str(error)) from None
+            self.binaries = binaries
             self.check_storage(artifacts, binaries)
             self.result["thermal"]["before"] = self.thermal(cool_down=True)
             self.save()
@@ -377,45 +389,81 @@ class DeviceRun:
         self.save()
 
     def embed_tflite(self, artifact: dict[str, Any]) -> np.ndarray:
-        name = Path(artifact["file"]).stem
+        """LiteRT's benchmark_model, one face per run: `--input_layer_value_files` in, `--output_filepath` out."""
+        io = artifact["io"]["input"]
+        # benchmark_model splits `name:file` at a single ':'; a ':' inside the name is written '::'.
+        name = io["name"].replace(":", "::")
+        command = ("./benchmark_model " + " ".join(shlex.quote(a) for a in [
+            f"--graph={artifact['file']}", f"--num_threads={self.options.threads[0]}", "--use_xnnpack=true",
+            "--warmup_runs=0", "--warmup_min_secs=0", "--num_runs=1", "--min_secs=0", f"--input_layer={name}",
+            f"--input_layer_shape={','.join(str(d) for d in io['shape'])}"])
+            + f" --input_layer_value_files={shlex.quote(name)}:@IN@ --output_filepath=@OUT@")
+        try:
+            return self.embed_per_face(artifact, "benchmark_model", command, "@OUT@")
+        except DeviceFailure as failure:
+            if failure.details.get("exit_code") != NO_OUTPUT_FILE:
+                raise
+            if "tflite_embed" not in self.binaries:
+                raise DeviceFailure("run", "benchmark_model in the runner kit wrote no output file: it predates "
+                                    "--output_filepath. Put a current LiteRT benchmark_model in the kit, or add "
+                                    "tflite_embed (mobile_harness/runners/build_kit.sh tflite_embed ABI)",
+                                    failure.details) from None
+        self.say("benchmark_model predates --output_filepath: golden faces through tflite_embed")
+        stem = Path(artifact["file"]).stem
         inputs = self.golden.inputs[artifact["io"]["input"]["layout"]].name
         self.runner("tflite_embed", [f"--graph={artifact['file']}", f"--inputs={inputs}",
-                                     f"--count={self.golden.faces}", f"--output=out_{name}.bin",
+                                     f"--count={self.golden.faces}", f"--output=out_{stem}.bin",
                                      f"--num_threads={self.options.threads[0]}", "--use_xnnpack=true"],
                     f"{artifact['file']} golden faces")
-        return self.pull_embeddings(f"out_{name}.bin", artifact)
+        return self.pull_embeddings(f"out_{stem}.bin", artifact)
 
     def embed_pte(self, artifact: dict[str, Any]) -> np.ndarray:
-        """executor_runner takes one input file per run: the phone splits the golden file and loops."""
-        name = Path(artifact["file"]).stem
+        """ExecuTorch's executor_runner, one face per run: `--inputs` in, `--output_file` out (`<base>-0.bin`)."""
+        command = (f"./executor_runner --model_path={shlex.quote(artifact['file'])} --inputs=@IN@ "
+                   f"--output_file=@OUT@ --cpu_threads={self.options.threads[0]}")
+        return self.embed_per_face(artifact, "executor_runner", command, "@OUT@-0.bin")
+
+    def embed_per_face(self, artifact: dict[str, Any], tool: str, command: str, written: str) -> np.ndarray:
+        """Run `command` once per golden face on the phone and pull the embeddings.
+
+        The official runners take one input file per run, so a script on the phone cuts the golden file
+        into faces. In `command`, @IN@ is the face's input file and @OUT@ its output name; `written` is the
+        file the tool writes for @OUT@. A run that exits 0 without writing it ends the script with
+        `NO_OUTPUT_FILE`.
+        """
+        # tiny_fp32.tflite and tiny_fp32.pte share a stem; their folders and scripts must not.
+        stem = Path(artifact["file"]).name.replace(".", "_")
         inputs = self.golden.inputs[artifact["io"]["input"]["layout"]].name
         face_bytes = 4 * int(np.prod(artifact["io"]["input"]["shape"]))
-        runner = (f"echo $$ > executor_runner.pid; exec ./executor_runner --model_path={artifact['file']} "
-                  f"--inputs=in_{name}/$0.bin --output_file=out_{name}/$0 --cpu_threads={self.options.threads[0]}")
+        face_in, face_out = f"in_{stem}/$0.bin", f"out_{stem}/$0"
+        runner = f"echo $$ > {tool}.pid; exec " + command.replace("@IN@", face_in).replace("@OUT@", face_out)
+        output = "out_" + stem + "/$i" + written.removeprefix("@OUT@")
         script = "\n".join([
-            f"mkdir -p in_{name} out_{name} || exit 90",
+            f"mkdir -p in_{stem} out_{stem} || exit 90",
             "echo $$ > script.pid",
             "i=0",
             f"while [ $i -lt {self.golden.faces} ]; do",
-            f"  dd if={inputs} of=in_{name}/$i.bin bs={face_bytes} skip=$i count=1 2>/dev/null || exit 91",
-            f"  sh -c {shlex.quote(runner)} $i > out_{name}/log.txt 2>&1",
+            f"  dd if={inputs} of=in_{stem}/$i.bin bs={face_bytes} skip=$i count=1 2>/dev/null || exit 91",
+            f"  sh -c {shlex.quote(runner)} $i > out_{stem}/log.txt 2>&1",
             "  code=$?",
-            f"  if [ $code -ne 0 ]; then echo \"face $i\"; cat out_{name}/log.txt; exit $code; fi",
+            f"  if [ $code -ne 0 ]; then echo \"face $i\"; cat out_{stem}/log.txt; exit $code; fi",
+            f"  if [ ! -f {output} ]; then echo \"face $i: {tool} wrote no {output}\"; "
+            f"tail -n 5 out_{stem}/log.txt; exit {NO_OUTPUT_FILE}; fi",
             "  i=$((i+1))",
             "done",
             "i=0",
-            f"while [ $i -lt {self.golden.faces} ]; do cat out_{name}/$i-0.bin; i=$((i+1)); done > out_{name}.bin",
+            f"while [ $i -lt {self.golden.faces} ]; do cat {output}; i=$((i+1)); done > out_{stem}.bin",
             "rm -f script.pid",
         ]) + "\n"
-        local = self.path.parent / f"parity_{name}.sh"
+        local = self.path.parent / f"parity_{stem}.sh"
         local.write_text(script)
         try:
             self.push_checked(local)
         finally:
             local.unlink()
         # Relative paths only: the script runs in the run folder.
-        self.script(f"cd {self.remote} && sh parity_{name}.sh", "executor_runner", f"{artifact['file']} golden faces")
-        return self.pull_embeddings(f"out_{name}.bin", artifact)
+        self.script(f"cd {self.remote} && sh parity_{stem}.sh", tool, f"{artifact['file']} golden faces")
+        return self.pull_embeddings(f"out_{stem}.bin", artifact)
 
     def pull_embeddings(self, remote_name: str, artifact: dict[str, Any]) -> np.ndarray:
         width = int(artifact["io"]["output"]["shape"][-1])
@@ -434,10 +482,7 @@ class DeviceRun:
         label = f"{artifact['file']} latency ({delegate}, {threads} thread(s))"
         try:
             if artifact["format"] == "executorch":
-                output = self.runner("executor_runner", [
-                    f"--model_path={artifact['file']}", f"--num_executions={options.warmup + options.runs}",
-                    f"--cpu_threads={threads}"], label)
-                row.update(tool="executor_runner", **parse_executor_runner(output, options.warmup))
+                row.update(self.pte_latency(artifact, threads, label))
             else:
                 row.update(self.tflite_latency(artifact, delegate, threads, label))
         except RunnerOutputError as error:
@@ -452,6 +497,20 @@ class DeviceRun:
                                  else row.get("reason") or ""))
         return row
 
+    def pte_latency(self, artifact: dict[str, Any], threads: int, label: str) -> dict[str, Any]:
+        options = self.options
+
+        def executions(count: int) -> str:
+            return self.runner("executor_runner", [f"--model_path={artifact['file']}", f"--num_executions={count}",
+                                                   f"--cpu_threads={threads}"], label)
+
+        output = executions(options.warmup + options.runs)
+        if has_iteration_lines(output) or executor_runner_total(output) is None:
+            return {"tool": "executor_runner", **parse_executor_runner(output, options.warmup)}
+        # An executor_runner that logs totals only: two more invocations isolate first inference and warm-up.
+        return {"tool": "executor_runner (totals)",
+                **parse_executor_runner_totals(executions(1), executions(options.warmup), output, options.warmup)}
+
     def tflite_latency(self, artifact: dict[str, Any], delegate: str, threads: int, label: str) -> dict[str, Any]:
         options = self.options
         output = self.runner("benchmark_model", [
@@ -463,7 +522,7 @@ class DeviceRun:
                                "median_ms": None, "p90_ms": None, "trimmed_mean_ms": None}
         row["runs"] = row["benchmark_model"]["runs"]
         row["mean_ms"] = row["benchmark_model"]["mean_ms"]
-        if delegate in ("xnnpack", "cpu"):
+        if delegate in ("xnnpack", "cpu") and "tflite_embed" in self.binaries:
             inputs = self.golden.inputs[artifact["io"]["input"]["layout"]].name
             embed = parse_tflite_embed(self.runner("tflite_embed", [
                 f"--graph={artifact['file']}", f"--inputs={inputs}", "--count=1", f"--num_threads={threads}",
@@ -472,8 +531,9 @@ class DeviceRun:
             row.update(tool="benchmark_model + tflite_embed", median_ms=embed["median_ms"], p90_ms=embed["p90_ms"],
                        trimmed_mean_ms=embed["trimmed_mean_ms"], distribution={"tool": "tflite_embed", **embed})
         else:
-            row["distribution"] = {"tool": None, "note": "benchmark_model reports avg/std/min/max only; tflite_embed "
-                                   "has no " + delegate + " delegate"}
+            why = ("tflite_embed has no " + delegate + " delegate" if "tflite_embed" in self.binaries
+                   else "the runner kit has no tflite_embed")
+            row["distribution"] = {"tool": None, "note": "benchmark_model reports avg/std/min/max only; " + why}
         return row
 
 

@@ -3,8 +3,13 @@
 `benchmark_model` (LiteRT) prints aggregates only (`count= first= curr= min= max= avg= std=` and
 `Inference timings in us: Init: ..., First inference: ...`), so the per-run distribution of a
 .tflite row comes from the project's `tflite_embed` runner timing each run with the same threads
-and delegate. `executor_runner` (ExecuTorch) logs `Model loaded in X ms.` and one
-`Iteration i of N: X ms` line per execution, so .pte rows come from it alone.
+and delegate, when the kit has it.
+
+`executor_runner` (ExecuTorch's examples/portable/executor_runner) has printed two formats:
+recent sources log `Model loaded in X ms.` and one `Iteration i of N: X ms` line per execution, so
+.pte rows come from it alone; older ones log only `Model executed successfully N time(s) in X ms.`,
+from which the harness takes the mean of the timed runs as the difference of two invocations
+(warm-up only, and warm-up plus timed runs) and reports no percentiles rather than invented ones.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ _BENCH_STAT = re.compile(r"count=(\d+)(?: first=(\d+))? curr=(\d+)(?: min=(\d+) 
                          r" std=(\d+))?")
 _ET_LOADED = re.compile(rf"Model loaded in {_FLOAT} ms")
 _ET_ITERATION = re.compile(rf"Iteration (\d+) of (\d+): {_FLOAT} ms")
+_ET_TOTAL = re.compile(rf"Model executed successfully (\d+) time\(s\) in {_FLOAT} ms")
 _EMBED_INIT = re.compile(rf"^Init: {_FLOAT} ms", re.M)
 _EMBED_FIRST = re.compile(rf"^First inference: {_FLOAT} ms", re.M)
 _EMBED_RUN = re.compile(rf"^Run (\d+) of (\d+): {_FLOAT} ms", re.M)
@@ -55,6 +61,17 @@ def parse_benchmark_model(output: str) -> dict[str, Any]:
             "benchmark_model": regular}
 
 
+def executor_runner_total(output: str) -> tuple[int, float] | None:
+    """(executions, total ms) from executor_runner's closing `Model executed successfully` line, if any."""
+    match = _ET_TOTAL.search(output)
+    return (int(match.group(1)), float(match.group(2))) if match else None
+
+
+def has_iteration_lines(output: str) -> bool:
+    """Whether this executor_runner build logs one `Iteration i of N` line per execution."""
+    return _ET_ITERATION.search(output) is not None
+
+
 def parse_executor_runner(output: str, warmup: int) -> dict[str, Any]:
     """Load time, first inference and the distribution of the runs after `warmup` from executor_runner's log."""
     loaded = _ET_LOADED.search(output)
@@ -67,6 +84,27 @@ def parse_executor_runner(output: str, warmup: int) -> dict[str, Any]:
                                 "warm-up runs")
     return {"load_ms": float(loaded.group(1)) if loaded else None, "first_inference_ms": iterations[0],
             **summarize(iterations[warmup:])}
+
+
+def parse_executor_runner_totals(first: str, warmup: str, full: str, warmup_runs: int) -> dict[str, Any]:
+    """Latency from an executor_runner that logs only totals: three invocations with 1, `warmup_runs`
+    and `warmup_runs` + N executions give the first inference and the mean of the N timed runs."""
+    totals = [executor_runner_total(output) for output in (first, warmup, full)]
+    if any(total is None for total in totals):
+        raise RunnerOutputError("executor_runner printed neither 'Iteration i of N' lines nor a 'Model executed "
+                                f"successfully N time(s) in X ms' line; last lines: {full.strip()[-400:]!r}")
+    (_, first_ms), (warm_n, warm_ms), (full_n, full_ms) = totals  # type: ignore[misc]
+    if full_n <= warm_n or warm_n != warmup_runs:
+        raise RunnerOutputError(f"executor_runner ran {warm_n} and {full_n} executions, expected {warmup_runs} "
+                                "and more")
+    runs = full_n - warm_n
+    mean = (full_ms - warm_ms) / runs
+    loaded = _ET_LOADED.search(full)
+    return {"load_ms": float(loaded.group(1)) if loaded else None, "first_inference_ms": first_ms, "runs": runs,
+            "mean_ms": mean, "median_ms": None, "p90_ms": None, "trimmed_mean_ms": None, "min_ms": None,
+            "max_ms": None, "distribution": {"tool": None, "note": "this executor_runner build logs totals only; "
+                                             "the mean is (total of warm-up + runs - total of warm-up) / runs. "
+                                             "Rebuild it from a source that logs 'Iteration i of N' for percentiles"}}
 
 
 def parse_tflite_embed(output: str) -> dict[str, Any]:

@@ -37,6 +37,11 @@ def load_manifest(build_dir: Path) -> dict[str, Any]:
         raise BuildFolderError(f"{manifest_path} is not valid JSON ({error}); rebuild") from None
     for artifact in manifest.get("artifacts", []):
         path = build_dir / artifact["file"]
+        io = artifact.get("io", {})
+        if not all(key in io.get("input", {}) for key in ("name", "shape", "layout")) or "shape" not in io.get(
+                "output", {}):
+            raise BuildFolderError(f"{manifest_path} lists {artifact['file']} without its input name, shape and "
+                                   "layout or its output shape (key `io`); rebuild with the current factory")
         if not path.exists():
             raise BuildFolderError(f"{path} is listed in the manifest but missing; rebuild")
         if _sha256(path) != artifact["sha256"]:

@@ -1,8 +1,10 @@
 """Merging every device's `result.json` into the build folder's device report.
 
 Writes `BUILD/devices.md` (one section per device: status, phone, thermal state, parity and gates,
-latency table) and `BUILD/devices/<serial>/latency.png` (median with p90 whiskers per row). The
-factory's own report files are left untouched; `devices.md` sits next to them.
+latency table) and `BUILD/devices/<serial>/latency.png` (median with p90 whiskers per row), and
+merges a summary (one row per device, artifact and latency row, plus each device's plot) into the
+build's `report.md` between two markers, replacing the previous summary. A rebuild rewrites
+`report.md` without it, as its artifacts are new.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from mobile_harness.lab import result_path
+
+BEGIN = "<!-- mobile_harness: on-device results (begin) -->"
+END = "<!-- mobile_harness: on-device results (end) -->"
 
 
 def load_results(build_dir: Path) -> list[dict[str, Any]]:
@@ -28,8 +33,11 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 def plot_latency(result: dict[str, Any], path: Path) -> bool:
     """Median latency with p90 whiskers for every measured row; False when there is nothing to plot."""
-    rows = [(f"{a['file']}\n{r['delegate']}, {r['threads']}t", r["median_ms"], r["p90_ms"])
-            for a in result.get("artifacts", []) for r in a.get("latency", []) if r.get("median_ms") is not None]
+    rows = [(f"{a['file']}\n{r['delegate']}, {r['threads']}t" + ("" if r.get("median_ms") is not None else " (mean)"),
+             r["median_ms"] if r.get("median_ms") is not None else r["mean_ms"],
+             r["p90_ms"] if r.get("p90_ms") is not None else r["mean_ms"])
+            for a in result.get("artifacts", []) for r in a.get("latency", [])
+            if r.get("status") == "ok" and (r.get("median_ms") is not None or r.get("mean_ms") is not None)]
     if not rows:
         return False
     import matplotlib
@@ -46,7 +54,7 @@ def plot_latency(result: dict[str, Any], path: Path) -> bool:
     axes.set_yticks(list(positions), labels, fontsize=7)
     axes.invert_yaxis()
     device = result.get("device") or {}
-    axes.set_xlabel("latency per face (ms): median, whisker to p90")
+    axes.set_xlabel("latency per face (ms): median, whisker to p90 (mean where the runner gives no percentiles)")
     axes.set_title(f"{result['serial']} {device.get('model', '')} ({device.get('soc', '')})", fontsize=9)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,16 +105,17 @@ def _device_section(result: dict[str, Any], plot: str | None) -> list[str]:
                          f"{_fmt(par.get('cosine_min'), 6)} | {_fmt(par.get('cosine_p1'), 6)} | {flips} | {gates} |")
         lines.append("")
         lines += ["| artifact | delegate | threads | load ms | first ms | median ms | p90 ms | trimmed mean ms | "
-                  "runs | tool |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "mean ms | runs | tool |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for artifact in artifacts:
             for row in artifact.get("latency", []):
                 if row["status"] != "ok":
                     lines.append(f"| {artifact['file']} | {row['delegate']} | {row['threads']} | "
-                                 f"{row['status']}: {(row['reason'] or '')[:80]} | – | – | – | – | – | – |")
+                                 f"{row['status']}: {(row['reason'] or '')[:80]} | – | – | – | – | – | – | – |")
                     continue
                 lines.append(f"| {artifact['file']} | {row['delegate']} | {row['threads']} | {_fmt(row['load_ms'])} | "
                              f"{_fmt(row['first_inference_ms'])} | {_fmt(row['median_ms'])} | {_fmt(row['p90_ms'])} | "
-                             f"{_fmt(row['trimmed_mean_ms'])} | {row['runs']} | {row['tool']} |")
+                             f"{_fmt(row['trimmed_mean_ms'])} | {_fmt(row.get('mean_ms'))} | {row['runs']} | "
+                             f"{row['tool']} |")
         lines.append("")
     if plot:
         lines += [f"![latency on {result['serial']}]({plot})", ""]
@@ -114,7 +123,8 @@ def _device_section(result: dict[str, Any], plot: str | None) -> list[str]:
 
 
 def write_device_report(build_dir: Path) -> Path:
-    """Regenerate `BUILD/devices.md` and the per-device plots from every `result.json`."""
+    """Regenerate `BUILD/devices.md` and the per-device plots from every `result.json`, and merge the
+    summary into `BUILD/report.md` when the build has one."""
     results = load_results(build_dir)
     lines = ["# On-device results", "",
              "Measured on phones by `python -m mobile_harness run`; regenerate with "
@@ -128,14 +138,59 @@ def write_device_report(build_dir: Path) -> Path:
         lines.append(f"| {result['serial']} | {device.get('model', '–')} | {device.get('soc', '–')} | "
                      f"{result['status']} | {result.get('verdict', '–')} |")
     lines.append("")
+    plots = {}
     for result in results:
         plot = result_path(build_dir, result["serial"]).parent / "latency.png"
-        has_plot = plot_latency(result, plot)
-        lines += _device_section(result, str(plot.relative_to(build_dir)) if has_plot else None)
+        plots[result["serial"]] = str(plot.relative_to(build_dir)) if plot_latency(result, plot) else None
+        lines += _device_section(result, plots[result["serial"]])
     path = build_dir / "devices.md"
-    fd, tmp = tempfile.mkstemp(prefix=".devices.md.", dir=build_dir)
-    with os.fdopen(fd, "w") as handle:
-        handle.write("\n".join(lines))
-    os.replace(tmp, path)
+    _write_atomic(path, "\n".join(lines))
+    report = build_dir / "report.md"
+    if report.is_file():
+        _write_atomic(report, merge_summary(report.read_text(), summary_lines(results, plots)))
     return path
 
+
+def summary_lines(results: list[dict[str, Any]], plots: dict[str, str | None]) -> list[str]:
+    """The build report's section on devices: one row per device, artifact and latency row."""
+    lines = [BEGIN, "## On devices", "",
+             f"{len(results)} phone(s), merged by `python -m mobile_harness report`; thermal state, gates and every "
+             "timing in [devices.md](devices.md). Latency is per face after warm-up; the mean stands in where "
+             "the runner gives no percentiles.", "",
+             "| device | verdict | artifact | cosine mean | flips / pairs | delegate, threads | median ms | p90 ms | "
+             "mean ms |", "|---|---|---|---|---|---|---|---|---|"]
+    for result in results:
+        device = result.get("device") or {}
+        name = f"{result['serial']} ({device['model']}, {device.get('soc')})" if device.get("model") else result["serial"]
+        verdict = result.get("verdict") or "–"
+        if result["status"] != "ok":
+            verdict += f" ({result.get('failed_stage')}: {(result.get('reason') or '')[:60]})"
+        measured = [a for a in result.get("artifacts", []) if a["status"] != "skipped"]
+        if not measured:
+            lines.append(f"| {name} | {verdict} | – | – | – | – | – | – | – |")
+        for artifact in measured:
+            par = artifact.get("parity") or {}
+            flips = f"{par['flips']} / {par['pairs']}" if par else "–"
+            rows = [r for r in artifact.get("latency", []) if r["status"] == "ok"] or [None]
+            for row in rows:
+                timing = (f"{row['delegate']}, {row['threads']} | {_fmt(row['median_ms'])} | {_fmt(row['p90_ms'])} | "
+                          f"{_fmt(row.get('mean_ms'))}" if row else "– | – | – | –")
+                lines.append(f"| {name} | {verdict} | {artifact['file']} | {_fmt(par.get('cosine_mean'), 6)} | {flips} "
+                             f"| {timing} |")
+    lines.append("")
+    lines += [f"![latency on {serial}]({plot})" for serial, plot in plots.items() if plot]
+    return [*lines, "", END]
+
+
+def merge_summary(report: str, summary: list[str]) -> str:
+    """`report` with its previous device summary (if any) replaced by `summary`, at the end."""
+    if BEGIN in report and END in report:
+        report = report[:report.index(BEGIN)] + report[report.index(END) + len(END):]
+    return report.rstrip("\n") + "\n\n" + "\n".join(summary) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from adb_sim.lab import GOLDEN_FACES, PhoneLab, make_tiny_build, phone_lab
-from adb_sim.runtimes import RuntimeService
+from adb_sim.runtimes import RuntimeService, make_test_kit
 from adb_sim.sim import Faults
 
 from mobile_harness.adb import Adb
@@ -131,7 +131,7 @@ def test_unauthorized_offline_and_absent_phones_fail_alone(lab: PhoneLab, build:
 
 
 def test_phone_vanishing_mid_run_keeps_what_was_measured(lab: PhoneLab, build: Path) -> None:
-    phone = lab.add(Faults(vanish_on_command="parity_tiny_fp32.sh"))
+    phone = lab.add(Faults(vanish_on_command="parity_tiny_fp32_pte.sh"))
     result = run(lab, build, options(lab, reconnect_wait_s=2))[phone.serial]
     # The phone goes as the parity script's checksum is asked for.
     assert result["status"] == "failed" and result["failed_stage"] == "push"
@@ -168,9 +168,10 @@ def test_hung_runner_is_timed_out_and_killed(lab: PhoneLab, build: Path) -> None
 
 
 def test_crashing_runner_reports_exit_code_output_and_logcat(lab: PhoneLab, build: Path) -> None:
-    phone = lab.add(Faults(crash=["benchmark_model"]))
+    # tflite_embed times .tflite runs after benchmark_model has done parity and its own timing.
+    phone = lab.add(Faults(crash=["tflite_embed"]))
     result = run(lab, build, options(lab))[phone.serial]
-    assert result["status"] == "failed" and "benchmark_model failed" in result["reason"]
+    assert result["status"] == "failed" and "tflite_embed failed" in result["reason"]
     assert "exit 139, killed by signal 11" in result["reason"]
     details = result["failure_details"]
     assert details["exit_code"] == 139 and "loading model" in details["output_tail"]
@@ -208,6 +209,46 @@ def test_missing_kit_binary_says_how_to_get_it(lab: PhoneLab, build: Path, tmp_p
     assert "android_aarch64_benchmark_model" in other_abi["reason"]
 
 
+def test_official_runners_alone_measure_parity_and_latency(lab: PhoneLab, build: Path, tmp_path: Path) -> None:
+    """A kit of only the official tools, no tflite_embed, and an executor_runner that logs totals only."""
+    kit = make_test_kit(tmp_path / "official_kit", "arm64-v8a", tools=("benchmark_model", "executor_runner"),
+                        legacy=("executor_runner",))
+    phone = lab.add()
+    result = run(lab, build, options(lab, kit=kit))[phone.serial]
+    assert result["status"] == "ok" and result["verdict"] == "pass", result
+    by_file = {a["file"]: a for a in result["artifacts"]}
+    for name in ("tiny_fp32.tflite", "tiny_fp32.pte"):
+        assert by_file[name]["parity"]["faces"] == GOLDEN_FACES
+        assert by_file[name]["parity"]["cosine_mean"] > 0.9999 and by_file[name]["parity"]["flips"] == 0
+    # .tflite parity came from benchmark_model itself, one face per run.
+    assert any("sh parity_tiny_fp32_tflite.sh" in c for c in phone.commands), phone.commands
+    (tflite_row,) = by_file["tiny_fp32.tflite"]["latency"]
+    assert tflite_row["tool"] == "benchmark_model" and tflite_row["runs"] == 50 and tflite_row["mean_ms"] > 0
+    assert tflite_row["median_ms"] is None and "no tflite_embed" in tflite_row["distribution"]["note"]
+    (pte_row,) = by_file["tiny_fp32.pte"]["latency"]
+    assert pte_row["tool"] == "executor_runner (totals)" and pte_row["status"] == "ok", pte_row
+    assert pte_row["runs"] == 50 and pte_row["mean_ms"] > 0 and pte_row["first_inference_ms"] > 0
+    assert pte_row["median_ms"] is None and pte_row["load_ms"] is None
+    executions = {c.split("--num_executions=")[1].split()[0].strip("'") for c in phone.commands
+                  if "--num_executions=" in c}
+    assert executions == {"1", "2", "52"}, "first inference, warm-up, warm-up + timed runs"
+
+
+def test_benchmark_model_too_old_to_write_outputs(lab: PhoneLab, build: Path, tmp_path: Path) -> None:
+    phone = lab.add()
+    old = make_test_kit(tmp_path / "old_kit", "arm64-v8a", tools=("benchmark_model", "executor_runner"),
+                        legacy=("benchmark_model",))
+    result = run(lab, build, options(lab, kit=old))[phone.serial]
+    assert result["status"] == "failed" and result["failed_stage"] == "run"
+    assert "predates --output_filepath" in result["reason"] and "tflite_embed" in result["reason"]
+    assert remote_leftovers(phone) == []
+    with_embed = make_test_kit(tmp_path / "old_kit_embed", "arm64-v8a", legacy=("benchmark_model",))
+    result = run(lab, build, options(lab, kit=with_embed))[phone.serial]
+    assert result["verdict"] == "pass", result
+    tflite = {a["file"]: a for a in result["artifacts"]}["tiny_fp32.tflite"]
+    assert tflite["parity"]["cosine_mean"] > 0.9999 and tflite["latency"][0]["median_ms"] > 0
+
+
 def test_hot_phone_cools_down_before_measuring(lab: PhoneLab, build: Path) -> None:
     phone = lab.add(Faults(battery_temp_tenths=452, cool_after_reads=3))
     result = run(lab, build, options(lab, cool_down_above_c=40, cool_down_poll_s=0.1))[phone.serial]
@@ -227,6 +268,7 @@ def test_cli_lists_devices_runs_and_writes_the_device_report(lab: PhoneLab, buil
     free_mib = str(73_689_792 // 1024)
     assert free_mib in listing
 
+    (build / "report.md").write_text("# tiny model card\n\nfactory text\n")
     code = main(["run", str(build), "--device", phone.serial, "--kit", str(lab.kit), "--runs", "50", "--warmup", "2",
                  "--threads", "1,2", *port])
     assert code == 0, capsys.readouterr()
@@ -240,6 +282,12 @@ def test_cli_lists_devices_runs_and_writes_the_device_report(lab: PhoneLab, buil
     assert main(["run", str(build), "--device", "R58M123ABC", "--kit", str(lab.kit), *port]) == 1
     assert main(["report", str(build)]) == 0
     assert "| R58M123ABC | – | – | failed | fail |" in (build / "devices.md").read_text()
+    # The build report carries one summary of every phone, replaced (not repeated) on each report.
+    card = (build / "report.md").read_text()
+    assert card.startswith("# tiny model card\n\nfactory text\n") and card.count("## On devices") == 1
+    assert "[devices.md](devices.md)" in card and f"(devices/{phone.serial.replace(':', '_')}/latency.png)" in card
+    assert f"| {phone.serial} (Pixel Sim, Tensor G-sim) | pass | tiny_fp32.pte |" in card
+    assert "| R58M123ABC | fail (connect:" in card
 
 
 def test_cli_refuses_bad_settings_with_what_to_use(build: Path, capsys) -> None:

@@ -17,7 +17,8 @@ def make_build(folder: Path) -> Path:
     (bundle / "Data").mkdir(parents=True)
     (bundle / "Data" / "weights.bin").write_bytes(b"weights")
     artifacts = [
-        {"file": p.name, "format": fmt, "precision": prec, "bytes": 1, "sha256": sha256_of(p)}
+        {"file": p.name, "format": fmt, "precision": prec, "bytes": 1, "sha256": sha256_of(p),
+         "io": {"input": {"name": "image", "shape": [1, 3, 112, 112], "layout": "NCHW"}, "output": {"shape": [1, 128]}}}
         for p, fmt, prec in ((folder / "m_fp32.tflite", "tflite", "fp32"), (bundle, "coreml", "fp16"))
     ]
     (folder / "manifest.json").write_text(json.dumps({"artifacts": artifacts}))
@@ -35,6 +36,11 @@ def test_half_written_or_tampered_builds_are_refused(tmp_path: Path) -> None:
     build = make_build(tmp_path / "build")
     (build / "m_fp16.mlpackage" / "Data" / "weights.bin").write_bytes(b"tampered")
     with pytest.raises(BuildFolderError, match="does not match its sha256"):
+        load_manifest(build)
+    manifest = json.loads((build / "manifest.json").read_text())
+    del manifest["artifacts"][0]["io"]["input"]["name"]
+    (build / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BuildFolderError, match="m_fp32.tflite without its input name"):
         load_manifest(build)
     (build / "manifest.json").unlink()
     with pytest.raises(BuildFolderError, match=r"no manifest\.json"):

@@ -50,14 +50,15 @@ def make_tiny_build(backbone: torch.nn.Module, out: Path) -> Path:
         artifacts.append({
             "file": compiled.path.name, "format": fmt, "precision": "fp32", "bytes": compiled.path.stat().st_size,
             "sha256": sha256_of(compiled.path),
-            "io": {"input": {"shape": compiled.input_shape, "dtype": "float32", "layout": compiled.input_layout},
-                   "output": {"shape": compiled.output_shape, "dtype": "float32"}}})
+            "io": {"input": {"name": compiled.input_name, "shape": compiled.input_shape, "dtype": "float32",
+                             "layout": compiled.input_layout},
+                   "output": {"name": compiled.output_name, "shape": compiled.output_shape, "dtype": "float32"}}})
     # Core ML is listed by real builds too; the lab has to skip it on Android.
     bundle = out / "tiny_fp16.mlpackage"
     (bundle / "Data").mkdir(parents=True)
     (bundle / "Data" / "weights.bin").write_bytes(b"not for android")
     artifacts.append({"file": bundle.name, "format": "coreml", "precision": "fp16", "bytes": 15,
-                      "sha256": sha256_of(bundle), "io": {"input": {"shape": [1, 3, 112, 112], "layout": "NCHW"},
+                      "sha256": sha256_of(bundle), "io": {"input": {"name": "image", "shape": [1, 3, 112, 112], "layout": "NCHW"},
                                                           "output": {"shape": [1, EMBEDDING]}}})
     pixels = smooth_pixels(GOLDEN_FACES, 1)
     with torch.no_grad():

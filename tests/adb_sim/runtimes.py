@@ -83,11 +83,21 @@ def timed(call: Callable[[], object]) -> int:
     return (time.perf_counter_ns() - start) // 1000
 
 
-def benchmark_model(argv: list[str], cwd: Path, out: TextIO, err: TextIO) -> int:
-    flags = parse_flags(argv, {"graph": "", "num_threads": "-1", "warmup_runs": "1", "num_runs": "50",
-                               "min_secs": "1", "warmup_min_secs": "0.5", "max_secs": "150", "use_xnnpack": "true",
-                               "use_gpu": "false", "use_nnapi": "false"})
+def benchmark_model(argv: list[str], cwd: Path, out: TextIO, err: TextIO, legacy: bool = False) -> int:
+    """LiteRT's benchmark_model. `legacy` plays a build from before `--output_filepath`: it leaves flags it
+    does not know unconsumed, as the real tool's parser does, and writes no outputs."""
+    known = {"graph": "", "num_threads": "-1", "warmup_runs": "1", "num_runs": "50", "min_secs": "1",
+             "warmup_min_secs": "0.5", "max_secs": "150", "use_xnnpack": "true", "use_gpu": "false",
+             "use_nnapi": "false", "input_layer": "", "input_layer_shape": "", "input_layer_value_files": "",
+             "output_filepath": ""}
+    unconsumed = []
+    if legacy:
+        unconsumed = [a for a in argv if a.startswith("--output_filepath=")]
+        argv = [a for a in argv if a not in unconsumed]
+    flags = parse_flags(argv, known)
     print("INFO: STARTING!", file=out)
+    if unconsumed:
+        print(f"WARN: Unconsumed cmdline flags: {' '.join(unconsumed)}", file=out)
     print(f"INFO: Min num runs: [{flags['num_runs']}]\nINFO: Num threads: [{flags['num_threads']}]\n"
           f"INFO: Min warmup runs: [{flags['warmup_runs']}]\nINFO: Graph: [{flags['graph']}]", file=out)
     graph = cwd / flags["graph"]
@@ -109,6 +119,17 @@ def benchmark_model(argv: list[str], cwd: Path, out: TextIO, err: TextIO) -> int
           file=out)
     print(f"INFO: Initialized session in {init_us / 1e3:g}ms.", file=out)
     x = np.random.default_rng(0).uniform(0, 255, model.input["shape"]).astype(np.float32)
+    if flags["input_layer_value_files"]:
+        # `name:file` items; the real parser reads '::' as a ':' inside a name.
+        layer, _, path = flags["input_layer_value_files"].replace("::", "\0").partition(":")
+        if layer.replace("\0", ":") != flags["input_layer"].replace("::", ":"):
+            print(f"ERROR: Cannot find the corresponding input_layer name({layer}) in --input_layer", file=out)
+            return 1
+        data = (cwd / path.replace("\0", ":")).read_bytes()
+        if len(data) != x.nbytes:
+            print(f"ERROR: The size of {path} is {len(data)} bytes. It should be {x.nbytes} bytes.", file=out)
+            return 1
+        x = np.frombuffer(data, dtype=np.float32).reshape(x.shape)
     stats = []
     for runs, secs in ((int(flags["warmup_runs"]), flags["warmup_min_secs"]), (int(flags["num_runs"]),
                                                                                  flags["min_secs"])):
@@ -120,6 +141,9 @@ def benchmark_model(argv: list[str], cwd: Path, out: TextIO, err: TextIO) -> int
     warmup, regular = stats
     print(f"INFO: Inference timings in us: Init: {init_us}, First inference: {warmup[0]}, "
           f"Warmup (avg): {np.mean(warmup):g}, Inference (avg): {np.mean(regular):g}", file=out)
+    if flags["output_filepath"]:
+        # OutputSaver: the output tensors' raw bytes, one after another, at the end of the benchmark.
+        model(x).astype(np.float32).tofile(cwd / flags["output_filepath"])
     return 0
 
 
@@ -151,7 +175,9 @@ def tflite_embed(argv: list[str], cwd: Path, out: TextIO, err: TextIO) -> int:
     return 0
 
 
-def executor_runner(argv: list[str], cwd: Path, out: TextIO, err: TextIO) -> int:
+def executor_runner(argv: list[str], cwd: Path, out: TextIO, err: TextIO, legacy: bool = False) -> int:
+    """ExecuTorch's executor_runner. `legacy` plays an older build that logs neither the load time nor
+    per-iteration lines, only `Model executed successfully N time(s) in X ms.`"""
     import torch
     from executorch.extension.pybindings import portable_lib
     from executorch.runtime import Runtime
@@ -171,7 +197,8 @@ def executor_runner(argv: list[str], cwd: Path, out: TextIO, err: TextIO) -> int
     et_log(err, f"Model file {flags['model_path']} is loaded.", 383)
     et_log(err, "Using method forward", 396)
     method = program.load_method(flags["method_name"] or "forward")
-    et_log(err, f"Model loaded in {(time.perf_counter_ns() - start) / 1e6:f} ms.", 520)
+    if not legacy:
+        et_log(err, f"Model loaded in {(time.perf_counter_ns() - start) / 1e6:f} ms.", 520)
     shape = list(method.metadata.input_tensor_meta(0).sizes())
     if flags["inputs"]:
         x = np.fromfile(cwd / flags["inputs"], dtype=np.float32).reshape(shape)
@@ -185,7 +212,8 @@ def executor_runner(argv: list[str], cwd: Path, out: TextIO, err: TextIO) -> int
         output = method.execute([torch.from_numpy(x)])[0].numpy()
         elapsed_ms = (time.perf_counter_ns() - start) / 1e6
         total_ms += elapsed_ms
-        et_log(err, f"Iteration {index + 1} of {executions}: {elapsed_ms:f} ms", 640)
+        if not legacy:
+            et_log(err, f"Iteration {index + 1} of {executions}: {elapsed_ms:f} ms", 640)
     et_log(err, f"Model executed successfully {executions} time(s) in {total_ms:f} ms.", 660)
     et_log(err, "1 outputs: ", 666)
     if flags["output_file"] and output is not None:
@@ -197,7 +225,7 @@ def executor_runner(argv: list[str], cwd: Path, out: TextIO, err: TextIO) -> int
     return 0
 
 
-TOOLS: dict[str, Callable[[list[str], Path, TextIO, TextIO], int]] = {
+TOOLS: dict[str, Callable[..., int]] = {
     "benchmark_model": benchmark_model, "executor_runner": executor_runner, "tflite_embed": tflite_embed,
 }
 
@@ -227,7 +255,9 @@ class RuntimeService:
             stdout, stderr = io.StringIO(), io.StringIO()
             with self.lock:
                 try:
-                    code = TOOLS[request["tool"]](request["argv"], Path(request["cwd"]), stdout, stderr)
+                    tool, _, variant = request["tool"].partition("@")
+                    extra = {"legacy": True} if variant == "legacy" else {}
+                    code = TOOLS[tool](request["argv"], Path(request["cwd"]), stdout, stderr, **extra)
                 except FlagError as error:
                     print(f"ERROR: {error}", file=stderr)
                     code = 1
@@ -242,12 +272,14 @@ class RuntimeService:
         self.path.unlink(missing_ok=True)
 
 
-def make_test_kit(kit: Path, abi: str) -> Path:
-    """A runner kit for `abi` whose binaries are stand-in scripts (see module docstring)."""
+def make_test_kit(kit: Path, abi: str, tools: tuple[str, ...] = KIT_TOOLS, legacy: tuple[str, ...] = ()) -> Path:
+    """A runner kit for `abi` whose binaries are stand-in scripts (see module docstring): `tools` only, those
+    in `legacy` playing older releases of the official tools (see `benchmark_model`, `executor_runner`)."""
     folder = kit / abi
     folder.mkdir(parents=True, exist_ok=True)
-    for tool in KIT_TOOLS:
+    for tool in tools:
         script = folder / tool
-        script.write_text(f'#!/bin/sh\nexec "$SIM_PYTHON" -S {STANDIN} {tool} "$@"\n')
+        played = f"{tool}@legacy" if tool in legacy else tool
+        script.write_text(f'#!/bin/sh\nexec "$SIM_PYTHON" -S {STANDIN} {played} "$@"\n')
         script.chmod(0o755)
     return kit

@@ -16,7 +16,8 @@ from pathlib import Path
 
 
 def main() -> int:
-    tool, argv = sys.argv[1], sys.argv[2:]
+    played, argv = sys.argv[1], sys.argv[2:]
+    tool = played.partition("@")[0]  # "executor_runner@legacy" plays an older release
     root = Path(os.environ["SIM_ROOT"])
     faults = json.loads((root / "sim_state.json").read_text())["faults"]
     if tool in faults["hang"]:
@@ -32,7 +33,7 @@ def main() -> int:
         os.kill(os.getpid(), signal.SIGSEGV)
     with socket.socket(socket.AF_UNIX) as connection:
         connection.connect(os.environ["SIM_RUNTIME_SOCKET"])
-        connection.sendall(json.dumps({"tool": tool, "argv": argv, "cwd": os.getcwd()}).encode() + b"\n")
+        connection.sendall(json.dumps({"tool": played, "argv": argv, "cwd": os.getcwd()}).encode() + b"\n")
         reply = json.loads(connection.makefile().readline())
     sys.stdout.write(reply["stdout"])
     sys.stderr.write(reply["stderr"])
