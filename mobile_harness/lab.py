@@ -477,7 +477,6 @@ class DeviceRun:
         return data.reshape(self.golden.faces, width)
 
     def latency_row(self, artifact: dict[str, Any], delegate: str, threads: int) -> dict[str, Any]:
-        options = self.options
         row: dict[str, Any] = {"delegate": delegate, "threads": threads, "status": "ok", "reason": None}
         label = f"{artifact['file']} latency ({delegate}, {threads} thread(s))"
         try:

@@ -161,7 +161,9 @@ def summary_lines(results: list[dict[str, Any]], plots: dict[str, str | None]) -
              "mean ms |", "|---|---|---|---|---|---|---|---|---|"]
     for result in results:
         device = result.get("device") or {}
-        name = f"{result['serial']} ({device['model']}, {device.get('soc')})" if device.get("model") else result["serial"]
+        name = result["serial"]
+        if device.get("model"):
+            name += f" ({device['model']}, {device.get('soc')})"
         verdict = result.get("verdict") or "–"
         if result["status"] != "ok":
             verdict += f" ({result.get('failed_stage')}: {(result.get('reason') or '')[:60]})"

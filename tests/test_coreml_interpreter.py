@@ -138,6 +138,44 @@ def test_pool_matches_torch(case: str, tmp_path: Path) -> None:
     check_module(module, (1, 4, 11, 9), tmp_path, op_type)
 
 
+class ChannelSlices(nn.Module):
+    """An uneven channel split, as SeesawFaceNet's blocks do, recombined so every slice matters."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat((x[:, 3:] * 2.0, x[:, :3], x[:, 1:-1:2]), dim=1)
+
+
+def test_channel_slices_match_torch(tmp_path: Path) -> None:
+    check_module(ChannelSlices(), (1, 8, 4, 6), tmp_path, "slice_by_index")
+
+
+SLICES = {
+    "masks and negative end": (dict(begin=[0, 1, 0, 0], end=[0, -1, 3, 0], begin_mask=[True, False, False, True],
+                                     end_mask=[True, False, False, True]), np.s_[:, 1:-1, 0:3, :]),
+    "stride 2, squeeze axis 1": (dict(begin=[0, 2, 1, 0], end=[1, 3, 5, 6], stride=[1, 1, 2, 3],
+                                      squeeze_mask=[False, True, False, False]), np.s_[0:1, 2, 1:5:2, 0:6:3]),
+}
+
+
+@pytest.mark.parametrize("case", list(SLICES))
+def test_slice_by_index_masks_follow_the_mil_spec(case: str, tmp_path: Path) -> None:
+    from coremltools.converters.mil import Builder as mb
+
+    kwargs, expected_index = SLICES[case]
+    path = convert_mil(lambda x: mb.slice_by_index(x=x, **kwargs), (1, 5, 6, 6), tmp_path)
+    x = random_input((1, 5, 6, 6))
+    np.testing.assert_array_equal(run(CoreMLInterpreter.from_package(path), x), x[expected_index])
+
+
+def test_slice_by_size_takes_the_rest_with_minus_one(tmp_path: Path) -> None:
+    from coremltools.converters.mil import Builder as mb
+
+    path = convert_mil(lambda x: mb.slice_by_size(x=x, begin=[0, 1, 2, 0], size=[1, 3, -1, 4]), (1, 5, 6, 6),
+                       tmp_path)
+    x = random_input((1, 5, 6, 6))
+    np.testing.assert_array_equal(run(CoreMLInterpreter.from_package(path), x), x[0:1, 1:4, 2:, 0:4])
+
+
 # ---------------------------------------------------------------------------- elementwise, broadcasting
 
 

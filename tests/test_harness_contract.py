@@ -40,7 +40,7 @@ def test_half_written_or_tampered_builds_are_refused(tmp_path: Path) -> None:
     manifest = json.loads((build / "manifest.json").read_text())
     del manifest["artifacts"][0]["io"]["input"]["name"]
     (build / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BuildFolderError, match="m_fp32.tflite without its input name"):
+    with pytest.raises(BuildFolderError, match=r"m_fp32\.tflite without its input name"):
         load_manifest(build)
     (build / "manifest.json").unlink()
     with pytest.raises(BuildFolderError, match=r"no manifest\.json"):

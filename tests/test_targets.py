@@ -125,3 +125,46 @@ def test_coreml_on_macos_verifies_on_cpu_gpu_and_neural_engine(tiny_backbone, tm
         reference = Embedder(tiny_backbone, MEAN, STD, 32).eval()(torch.from_numpy(x)).numpy()
     for runtime, runner in extra.items():
         assert cosine_summary(runner(x), reference)["cosine_mean"] >= 0.999, runtime
+
+
+class TinySeedBlocks(torch.nn.Module):
+    """The seed systems' export-sensitive pieces at toy width: seesaw blocks (uneven channel split,
+    shuffle and share variants, squeeze-excitation, hard sigmoid, h-swish) and a keepdim global mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from factory.models.layers import ConvBNAct
+        from factory.models.seesawfacenet import SeesawBlock
+
+        self.features = torch.nn.Sequential(
+            ConvBNAct(3, 16, 3, 4, activation=lambda _c: torch.nn.Hardswish()),
+            SeesawBlock(16, 16, 32, 1, shuffle=True, shortcut="none"),
+            SeesawBlock(16, 32, 64, 2, shuffle=False, shortcut="conv"),
+        )
+        self.embedding = torch.nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedding(self.features(x).mean(dim=(2, 3), keepdim=True).flatten(1))
+
+
+@pytest.mark.parametrize(("fmt", "precision", "min_cosine"), [
+    ("executorch", "fp32", 0.9999), ("executorch", "int8", 0.98), ("tflite", "fp32", 0.9999), ("coreml", "fp16", 0.999),
+])
+def test_seed_system_blocks_compile_whole_and_match_pytorch(tmp_path, fmt, precision, min_cosine) -> None:
+    from helpers import settle_batchnorm
+
+    torch.manual_seed(0)
+    backbone = settle_batchnorm(TinySeedBlocks(), torch.from_numpy((pixels(32, 5) - 127.5) / 128.0))
+    # ExecuTorch refuses an artifact with any op left outside XNNPACK; the others check their own graphs.
+    target, artifact = compile_tiny(backbone, fmt, precision, tmp_path)
+    parity = run_parity(target, artifact, backbone)
+    assert parity["cosine_mean"] >= min_cosine, parity
+    if fmt == "executorch":
+        assert artifact.details["delegated"]
+
+
+def test_export_friendly_hard_sigmoid_is_torchs() -> None:
+    from factory.models.seesawfacenet import HardSigmoid
+
+    x = torch.linspace(-5.0, 5.0, 2001)
+    assert torch.allclose(HardSigmoid()(x), torch.nn.Hardsigmoid()(x), atol=1e-7)

@@ -481,6 +481,43 @@ def expand_dims(args: Args) -> torch.Tensor:
     return x
 
 
+def _mask(args: Args, name: str, rank: int) -> list[bool]:
+    value = args.get(name)
+    return [False] * rank if value is None else [bool(v) for v in np.asarray(_np(value)).reshape(-1)]
+
+
+@kernel("slice_by_index")
+def slice_by_index(args: Args) -> torch.Tensor:
+    # MIL: per axis begin/end/stride; a set begin_mask / end_mask bit takes the whole range on that side,
+    # negative indices count from the end, a set squeeze_mask bit keeps index `begin` and drops the axis.
+    x = args["x"]
+    rank = x.dim()
+    begin, end = ints(args["begin"]), ints(args["end"])
+    stride = ints(args["stride"]) if args.get("stride") is not None else [1] * rank
+    begin_mask, end_mask = _mask(args, "begin_mask", rank), _mask(args, "end_mask", rank)
+    squeeze_mask = _mask(args, "squeeze_mask", rank)
+    index: list[slice | int] = []
+    for axis in range(rank):
+        size, step = x.shape[axis], stride[axis]
+        start = begin[axis] + size if begin[axis] < 0 else begin[axis]
+        if squeeze_mask[axis]:
+            index.append(start)
+            continue
+        if step <= 0:
+            raise NotImplementedError("slice_by_index with a negative or zero stride")
+        stop = end[axis] + size if end[axis] < 0 else end[axis]
+        index.append(slice(None if begin_mask[axis] else start, None if end_mask[axis] else stop, step))
+    return x[tuple(index)]
+
+
+@kernel("slice_by_size")
+def slice_by_size(args: Args) -> torch.Tensor:
+    # MIL: `size` elements from `begin` per axis; -1 takes the rest of the axis.
+    x = args["x"]
+    begin, size = ints(args["begin"]), ints(args["size"])
+    return x[tuple(slice(b, None if n == -1 else b + n) for b, n in zip(begin, size, strict=True))]
+
+
 @kernel("concat")
 def concat(args: Args) -> torch.Tensor:
     values = [torch.as_tensor(v) for v in args["values"]]

@@ -109,7 +109,8 @@ class FastFaceNet(nn.Module):
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embedding(self.features(x).mean(dim=(2, 3)))
+        # keepdim + flatten: XNNPACK delegates only the 4-D global mean.
+        return self.embedding(self.features(x).mean(dim=(2, 3), keepdim=True).flatten(1))
 
 
 _PAPER = "doi:10.4236/ijis.2021.111001"

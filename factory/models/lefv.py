@@ -87,7 +87,8 @@ class LEFV(nn.Module):
             x = block(x)
             scales.append(pool(x))
         fused = self.fuse(torch.cat(scales, dim=1))
-        return self.embedding(self.dropout(fused.mean(dim=(2, 3))))
+        # keepdim + flatten: XNNPACK delegates only the 4-D global mean.
+        return self.embedding(self.dropout(fused.mean(dim=(2, 3), keepdim=True).flatten(1)))
 
 
 @register_model("lefv", paper="ICVIP 2019 (LEFV)")

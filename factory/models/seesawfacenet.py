@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from factory.models.layers import ConvBNAct, init_weights
@@ -59,21 +60,33 @@ def _hardswish(_channels: int) -> nn.Module:
     return nn.Hardswish()
 
 
+class HardSigmoid(nn.Module):
+    """relu6(x + 3) / 6, the same function as `nn.Hardsigmoid` written so that it lowers whole to XNNPACK
+    (ExecuTorch's decomposition of `hardsigmoid` leaves constant copies outside the delegate)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu6(x + 3.0) * (1.0 / 6.0)
+
+
 class SqueezeExcitation(nn.Module):
-    """Channel gate from globally pooled features (reduction 4, PReLU inside, as in the author's code)."""
+    """Channel gate from globally pooled features (reduction 4, PReLU inside, as in the author's code).
+
+    The two fully connected layers are 1x1 convolutions on the pooled 1x1 map (the same weights and
+    MACs as linear layers, as torchvision's SqueezeExcitation): the gate stays 4-D, which XNNPACK's
+    channels-last lowering needs (a 2-D gate reshaped back to 4-D cannot be lowered).
+    """
 
     def __init__(self, channels: int, reduction: int = 4) -> None:
         super().__init__()
         self.gate = nn.Sequential(
-            nn.Linear(channels, channels // reduction),
+            nn.Conv2d(channels, channels // reduction, 1),
             nn.PReLU(channels // reduction),
-            nn.Linear(channels // reduction, channels),
-            nn.Hardsigmoid(),
+            nn.Conv2d(channels // reduction, channels, 1),
+            HardSigmoid(),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights = self.gate(x.mean(dim=(2, 3)))
-        return x * weights.reshape(weights.shape[0], weights.shape[1], 1, 1)
+        return x * self.gate(x.mean(dim=(2, 3), keepdim=True))
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:

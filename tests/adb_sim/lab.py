@@ -58,8 +58,9 @@ def make_tiny_build(backbone: torch.nn.Module, out: Path) -> Path:
     (bundle / "Data").mkdir(parents=True)
     (bundle / "Data" / "weights.bin").write_bytes(b"not for android")
     artifacts.append({"file": bundle.name, "format": "coreml", "precision": "fp16", "bytes": 15,
-                      "sha256": sha256_of(bundle), "io": {"input": {"name": "image", "shape": [1, 3, 112, 112], "layout": "NCHW"},
-                                                          "output": {"shape": [1, EMBEDDING]}}})
+                      "sha256": sha256_of(bundle),
+                      "io": {"input": {"name": "image", "shape": [1, 3, 112, 112], "layout": "NCHW"},
+                             "output": {"shape": [1, EMBEDDING]}}})
     pixels = smooth_pixels(GOLDEN_FACES, 1)
     with torch.no_grad():
         reference = Embedder(backbone, MEAN, STD, EMBEDDING).eval()(torch.from_numpy(pixels)).numpy()
