@@ -35,7 +35,7 @@ from factory.recipe import MIN_CALIBRATION_FACES, GateConfig, Recipe, data_path
 from factory.report import write_reports
 from factory.stages import Stage, StageLog, console_printer, output_to
 from factory.targets import CompiledArtifact, CompileRequest, Target, get_target
-from factory.weights import load_weights, sha256_of
+from factory.weights import load_weights, sha256_of, training_summary
 
 TOOL_PACKAGES = ("torch", "executorch", "litert-torch", "ai-edge-litert", "coremltools", "onnxruntime", "numpy")
 
@@ -295,6 +295,7 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
             "params": count_parameters(backbone),
             "macs": count_macs(backbone, (1, 3, spec.size, spec.size)),
             "weights_sha256": sha256_of(recipe.resolve(recipe.weights.path)),
+            "training": training_summary(recipe.resolve(recipe.weights.path)),
             "input": {"size": spec.size, "color_order": spec.color_order, "mean": spec.mean, "std": spec.std},
         },
         "evaluation": {

@@ -1,4 +1,4 @@
-"""Command line: `python -m factory {validate,list,train,curve,eval,data,build} ...`."""
+"""Command line: `python -m factory {validate,list,train,curve,eval,data,build,compare} ...`."""
 
 from __future__ import annotations
 
@@ -30,10 +30,43 @@ def _validate(args: argparse.Namespace) -> int:
     return 2 if failed else 0
 
 
-def _list(_args: argparse.Namespace) -> int:
+def _recipe_lines(recipes_dir: Path, reports_dir: Path) -> list[str]:
+    """One line per recipe: its model, whether its weights exist, the built LFW accuracy and the paper's."""
+    import json
+
+    from factory.models import model_entry
+    from factory.recipe import load_recipe
+
+    lines = []
+    for path in sorted(recipes_dir.glob("*.yaml")):
+        try:
+            recipe = load_recipe(path)
+        except FactoryError as error:
+            lines.append(f"  {path.stem:<22} invalid: {str(error).splitlines()[0]}")
+            continue
+        paper = model_entry(recipe.model.architecture).paper_numbers.get("lfw_accuracy")
+        weights = "weights ok" if recipe.resolve(recipe.weights.path).is_file() else "NO WEIGHTS"
+        report = reports_dir / recipe.name / "report.json"
+        if report.is_file():
+            built = json.loads(report.read_text())
+            measured = f"LFW {100 * built['reference']['lfw_accuracy']:.2f}% ({built['verdict']}, {built['created'][:10]})"
+        else:
+            measured = "not built"
+        paper_text = "—" if paper is None else f"{100 * paper:.2f}%"
+        lines.append(f"  {recipe.name:<22} {recipe.model.architecture:<22} {weights:<11} built: {measured:<36} "
+                     f"paper LFW: {paper_text}")
+    return lines
+
+
+def _list(args: argparse.Namespace) -> int:
     from factory.models import model_entry, model_names
     from factory.targets import get_target, target_names
 
+    recipes_dir = Path(args.recipes)
+    if recipes_dir.is_dir():
+        print(f"recipes ({recipes_dir}; measured numbers from {args.reports}/<recipe>/report.json):")
+        for line in _recipe_lines(recipes_dir, Path(args.reports)):
+            print(line)
     print("models:")
     for name in model_names():
         entry = model_entry(name)
@@ -96,6 +129,15 @@ def _build(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from factory.compare import compare
+
+    out = Path(args.out)
+    summary = compare([Path(folder) for folder in args.reports], out, args.title)
+    print(f"compared {len(summary['rows'])} builds: {out / 'report.md'}")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     import json
 
@@ -153,6 +195,8 @@ def make_parser() -> argparse.ArgumentParser:
     validate.set_defaults(handler=_validate)
 
     listing = commands.add_parser("list", help="registered models and targets")
+    listing.add_argument("--recipes", default="recipes", help="recipe folder to list (default: recipes)")
+    listing.add_argument("--reports", default="reports", help="where their builds' reports are (default: reports)")
     listing.set_defaults(handler=_list)
 
     train = commands.add_parser("train", help="train the recipe's model and save safetensors weights")
@@ -203,6 +247,12 @@ def make_parser() -> argparse.ArgumentParser:
                                       "without local data look)")
     fetch.add_argument("--mirror", help="base URL of a mirror serving the same file names")
     fetch.set_defaults(handler=_data_fetch)
+
+    comparison = commands.add_parser("compare", help="side-by-side table of finished builds (e.g. a width sweep)")
+    comparison.add_argument("reports", nargs="+", help="build report folders (reports/<recipe>/)")
+    comparison.add_argument("--out", required=True, help="folder for report.md, report.json and tradeoff.png")
+    comparison.add_argument("--title", default="Comparison of builds", help="heading of report.md")
+    comparison.set_defaults(handler=_compare)
 
     build = commands.add_parser("build", help="compile, verify and report all targets of a recipe")
     build.add_argument("recipe")

@@ -46,6 +46,7 @@ def render_markdown(report: dict[str, Any], figures: dict[str, str] | None = Non
         f"- Parameters: {model['params'] / 1e6:.3f} M (paper {paper.get('params_m', '—')} M); "
         f"multiply-adds: {model['macs'] / 1e6:.1f} M (paper {paper.get('macs_m', '—')} M){at}.",
         f"- Weights sha256: `{model['weights_sha256']}`.",
+        *_training_lines(model.get("training")),
         "",
         "## Input and output (all artifacts)",
         "",
@@ -179,6 +180,20 @@ def _coreml_app_lines(artifacts: list[dict[str, Any]]) -> list[str]:
         "```",
     ]
     return lines
+
+
+def _training_lines(training: dict[str, Any] | None) -> list[str]:
+    """One line on how the weights were trained, from `factory train`'s metadata in the weights file."""
+    if not training:
+        return []
+    cfg = training.get("train_config", {})
+    loss = cfg.get("loss", "arcface")
+    detail = {"arcface": f"ArcFace (s={cfg.get('arcface_scale')}, m={cfg.get('arcface_margin')})",
+              "triplet": f"triplet loss (margin {cfg.get('triplet_margin')}, online semi-hard selection)",
+              }.get(loss, loss)
+    return [f"- Trained here with {detail}: {training.get('epochs')} epochs on {training.get('images')} images of "
+            f"{training.get('identities')} identities (`{cfg.get('split')}`), {training.get('wall_time_s', 0) / 60:.0f} "
+            f"min on {training.get('device')}."]
 
 
 def _macos_for(ios: str) -> str:

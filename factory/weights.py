@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -63,6 +64,25 @@ def load_weights(model: nn.Module, path: Path, expected_sha256: str | None = Non
         )
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
     return model.eval()
+
+
+def training_summary(path: Path) -> dict | None:
+    """How the weights were trained (loss, epochs, wall time, hardware), from `factory train`'s metadata.
+
+    None for weights made elsewhere (no such metadata) — a report then says nothing about training.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            text = (handle.metadata() or {}).get("training")
+        summary = json.loads(text) if text else None
+    except (SafetensorError, OSError, ValueError):
+        return None
+    if not isinstance(summary, dict):
+        return None
+    keep = ("device", "images", "identities", "epochs", "train_config", "wall_time_s", "evaluation")
+    return {key: summary[key] for key in keep if key in summary}
 
 
 def state_dict_equal(a: nn.Module, b: nn.Module) -> bool:

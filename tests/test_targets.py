@@ -105,6 +105,23 @@ def test_coreml_program_is_built_as_promised_and_matches_pytorch(tiny_backbone, 
     assert parity["cosine_mean"] >= min_cosine, parity
 
 
+@pytest.mark.slow  # two CoreMLQuantizer calibrations, minutes each
+def test_coreml_int8_activation_ranges_count_every_calibration_face_in_any_order(tiny_backbone, tmp_path) -> None:
+    """Faces are calibrated one at a time; a moving-average observer would forget all but the last ~100."""
+    target = get_target("coreml")
+    faces = pixels(64, 0)
+    x = torch.from_numpy((pixels(8, 1) - 127.5) / 128.0)
+
+    def embeddings(calibration: np.ndarray) -> np.ndarray:
+        request = CompileRequest(tiny_backbone, MEAN, STD, 32, "int8", calibration, tmp_path / "x.mlpackage")
+        quantised = target._quantized_backbone(request)
+        with torch.no_grad():
+            return torch.cat([quantised(x[i : i + 1]) for i in range(len(x))]).numpy()
+
+    forward, backward = embeddings(faces), embeddings(faces[::-1].copy())
+    np.testing.assert_allclose(forward, backward, rtol=0, atol=1e-6)
+
+
 @pytest.mark.skipif(platform.system() == "Darwin", reason="off macOS only: the reference interpreter verifies")
 def test_coreml_off_macos_is_verified_by_the_reference_interpreter_and_not_timed() -> None:
     target = get_target("coreml")

@@ -75,9 +75,17 @@ class CompileRequest:
         example = (torch.from_numpy(np.ascontiguousarray(normalised[:1])),)
         with self.stages.stage(Stage.QUANTIZE, f"{self.label}: {len(normalised)} calibration faces"):
             prepared = prepare_pt2e(torch.export.export(self.backbone, example).module(), quantizer)
+            # Quantisers built for training (coremltools' inserts FakeQuantize modules) would quantise each
+            # activation with the ranges seen so far while calibrating, so later layers' ranges would depend on
+            # the order of the faces. Post-training calibration observes float activations only.
+            fake_quantizers = [m for m in prepared.modules() if hasattr(m, "disable_fake_quant")]
+            for module in fake_quantizers:
+                module.disable_fake_quant()
             with torch.no_grad():
                 for index in range(len(normalised)):
                     prepared(torch.from_numpy(np.ascontiguousarray(normalised[index : index + 1])))
+            for module in fake_quantizers:
+                module.enable_fake_quant()
             return convert_pt2e(prepared, fold_quantize=fold_quantize)
 
 

@@ -91,9 +91,13 @@ class CoreMLTarget:
         # Affine activations (a zero point per tensor) suit PReLU outputs, which are far from symmetric;
         # weights stay int8 per output channel. Core ML takes the folded int8 weights directly
         # (coremltools converts dequantize_per_channel but not quantize_per_channel).
+        # Activation ranges: plain min/max over every calibration face. The default moving-average observer
+        # (constant 0.01) remembers only the last ~100 of the faces calibrated one at a time and clips the
+        # rest: on fastfacenet_0_25 it gave mean / min cosine 0.99198 / 0.847 to fp32 on 1,000 LFW faces,
+        # min/max 0.99912 / 0.973 (XNNPACK's histogram observer: 0.99585 / 0.935).
         config = ctq.LinearQuantizerConfig(global_config=ctq.ModuleLinearQuantizerConfig(
             quantization_scheme="affine", activation_dtype=torch.quint8, weight_dtype=torch.qint8,
-            weight_per_channel=True,
+            weight_per_channel=True, activation_observer="min_max",
         ))
         return request.quantized_backbone(CoreMLQuantizer(config), fold_quantize=True)
 
