@@ -49,7 +49,8 @@ def _recipe_lines(recipes_dir: Path, reports_dir: Path) -> list[str]:
         report = reports_dir / recipe.name / "report.json"
         if report.is_file():
             built = json.loads(report.read_text())
-            measured = f"LFW {100 * built['reference']['lfw_accuracy']:.2f}% ({built['verdict']}, {built['created'][:10]})"
+            accuracy = built["reference"]["lfw_accuracy"]
+            measured = f"LFW {100 * accuracy:.2f}% ({built['verdict']}, {built['created'][:10]})"
         else:
             measured = "not built"
         paper_text = "—" if paper is None else f"{100 * paper:.2f}%"

@@ -33,9 +33,12 @@ def load_build_report(folder: Path) -> dict[str, Any]:
         )
     try:
         report = json.loads(path.read_text())
-        report["model"]["params"], report["reference"]["lfw_accuracy"], report["artifacts"]  # noqa: B018
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise FactoryError(f"{path} is not a factory build report ({error!r}); rebuild its recipe") from None
+        missing = [key for key in ("recipe", "verdict", "created", "model", "evaluation", "reference", "artifacts")
+                   if key not in report]
+    except (json.JSONDecodeError, TypeError) as error:
+        missing = [f"valid JSON ({error})"]
+    if missing:
+        raise FactoryError(f"{path} is not a factory build report (no {', '.join(missing)}); rebuild its recipe")
     return report
 
 

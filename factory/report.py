@@ -191,9 +191,10 @@ def _training_lines(training: dict[str, Any] | None) -> list[str]:
     detail = {"arcface": f"ArcFace (s={cfg.get('arcface_scale')}, m={cfg.get('arcface_margin')})",
               "triplet": f"triplet loss (margin {cfg.get('triplet_margin')}, online semi-hard selection)",
               }.get(loss, loss)
-    return [f"- Trained here with {detail}: {training.get('epochs')} epochs on {training.get('images')} images of "
-            f"{training.get('identities')} identities (`{cfg.get('split')}`), {training.get('wall_time_s', 0) / 60:.0f} "
-            f"min on {training.get('device')}."]
+    used = " (triplet batches draw on its identities with two or more images)" if loss == "triplet" else ""
+    return [f"- Trained here with {detail}: {training.get('epochs')} epochs on `{cfg.get('split')}`, "
+            f"{training.get('images')} images of {training.get('identities')} identities{used}; "
+            f"{training.get('wall_time_s', 0) / 60:.0f} min on {training.get('device')}."]
 
 
 def _macos_for(ios: str) -> str:
