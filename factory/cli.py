@@ -130,6 +130,18 @@ def _build(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
+def _float16(args: argparse.Namespace) -> int:
+    from factory.weights import store_float16
+
+    path = Path(args.weights)
+    if not path.is_file():
+        raise FactoryError(f"weights file not found: {path}")
+    before, after = store_float16(path)
+    print(f"{path}: float32 tensors stored as float16, {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB; "
+          "update weights.sha256 in its recipe")
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     from factory.compare import compare
 
@@ -248,6 +260,10 @@ def make_parser() -> argparse.ArgumentParser:
                                       "without local data look)")
     fetch.add_argument("--mirror", help="base URL of a mirror serving the same file names")
     fetch.set_defaults(handler=_data_fetch)
+
+    half = commands.add_parser("weights-float16", help="store a weights file's float32 tensors as float16 (half size)")
+    half.add_argument("weights", help="a safetensors weights file, rewritten in place")
+    half.set_defaults(handler=_float16)
 
     comparison = commands.add_parser("compare", help="side-by-side table of finished builds (e.g. a width sweep)")
     comparison.add_argument("reports", nargs="+", help="build report folders (reports/<recipe>/)")

@@ -66,6 +66,28 @@ def load_weights(model: nn.Module, path: Path, expected_sha256: str | None = Non
     return model.eval()
 
 
+def store_float16(path: Path) -> tuple[int, int]:
+    """Rewrite a safetensors weights file with its float32 tensors stored as float16, atomically.
+
+    For weights that would otherwise be too large to keep in the repository; `load_weights` casts them back to
+    the model's float32. Metadata (how the weights were trained) is kept. Returns the sizes before and after.
+    """
+    from safetensors import safe_open
+
+    before = path.stat().st_size
+    try:
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata()
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise FactoryError(f"weights file {path} is not a valid safetensors file ({error}); "
+                           "re-train or restore it") from None
+    halved = {k: v.half() if v.dtype == torch.float32 else v for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(halved, str(tmp), metadata=metadata)
+    return before, path.stat().st_size
+
+
 def training_summary(path: Path) -> dict | None:
     """How the weights were trained (loss, epochs, wall time, hardware), from `factory train`'s metadata.
 
