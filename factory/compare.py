@@ -89,7 +89,7 @@ def summarise(reports: list[dict[str, Any]]) -> dict[str, Any]:
             "training": model.get("training"),
             "artifacts": artifacts,
         })
-    return {"latency": f"host, batch 1, {LATENCY_KEY.replace('_', ' ')}, median ms", "kinds": kinds, "rows": rows}
+    return {"latency": f"batch 1, {LATENCY_KEY.replace('_', ' ')}", "kinds": kinds, "rows": rows}
 
 
 def _pct(value: float | None) -> str:
@@ -147,7 +147,7 @@ def render_markdown(title: str, summary: dict[str, Any], figure: str | None, sou
         return f"{_ms(a['latency_median_ms'])} / {_ms(a['latency_p90_ms'])}"
 
     lines += table("LFW accuracy of each deployed artifact (drop vs PyTorch, mean cosine to PyTorch)", accuracy)
-    lines += table(f"Host latency per face, ms median / p90 ({summary['latency']} measure)", latency)
+    lines += table(f"Host latency per face ({summary['latency']}), ms median / p90", latency)
     lines += table("Artifact size", lambda a: f"{a['bytes'] / 1e6:.2f} MB")
     if figure:
         lines += ["", f"![accuracy against cost]({figure})"]
