@@ -18,6 +18,7 @@ from typing import Any
 
 from factory.errors import FactoryError
 from factory.io import atomic_path, write_text_atomic
+from factory.report import _pct
 
 # Host latency is compared at one thread: the phone runners' default and the least noisy setting here.
 LATENCY_KEY = "1_thread"
@@ -90,10 +91,6 @@ def summarise(reports: list[dict[str, Any]]) -> dict[str, Any]:
             "artifacts": artifacts,
         })
     return {"latency": f"batch 1, {LATENCY_KEY.replace('_', ' ')}", "kinds": kinds, "rows": rows}
-
-
-def _pct(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.2f}%"
 
 
 def _ms(value: float | None) -> str:
