@@ -276,8 +276,29 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
                 recipe.latency.warmup, recipe.latency.runs),
         }
 
+    pipeline: dict[str, Any] = {}
+    if recipe.pipeline is not None:
+        from factory.detection import load_photos
+        from factory.pipeline import build_detector, end_to_end_rows
+
+        with log.stage(Stage.LOAD, "raw photos and their MTCNN (teacher) faces"):
+            photos = load_photos(recipe, log=lambda _line: None)
+        pipeline["detector"], detectors = build_detector(recipe, out, log, printer, _artifact_call, photos)
+        recognisers = {
+            f"{a['format']} {a['precision']}": (
+                lambda a=a: get_target(a["format"]).load_runner(out / a["file"], all_threads()),
+                a["io"]["input"]["layout"])
+            for a in artifacts if a["status"] == "verified"
+        }
+        pipeline["end_to_end"] = end_to_end_rows(recipe, log, photos, detectors, recognisers, reference_model,
+                                                 ref_verification["threshold"])
+        for row in pipeline["end_to_end"]["rows"]:
+            printer(f"  end to end, {row['runtime']} on {row['photos_set']} photos: found {row['found_rate']:.3f}, "
+                    f"cosine to the reference crop {row['cosine_mean']:.4f}, same person {row['same_person_rate']:.3f}")
+
     verified = [a for a in artifacts if a["status"] == "verified"]
     all_gates = [g for a in verified for row in (a, *a["other_runtimes"]) for g in row["gates"]]
+    all_gates += [g for a in pipeline.get("detector", {}).get("artifacts", []) for g in a["gates"]]
     verdict = "pass" if verified and all(g["passed"] for g in all_gates) else "fail"
     entry_info = model_entry(recipe.model.architecture)
     report = {
@@ -321,6 +342,7 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
         "latency_settings": {"batch": 1, "warmup": recipe.latency.warmup, "runs": recipe.latency.runs},
         "peers": peers,
         "artifacts": artifacts,
+        **({"pipeline": pipeline} if pipeline else {}),
         "stages": log.records,
     }
     with log.stage(Stage.REPORT, str(out)):

@@ -45,12 +45,16 @@ def _recipe_lines(recipes_dir: Path, reports_dir: Path) -> list[str]:
             lines.append(f"  {path.stem:<22} invalid: {str(error).splitlines()[0]}")
             continue
         paper = model_entry(recipe.model.architecture).paper_numbers.get("lfw_accuracy")
-        weights = "weights ok" if recipe.resolve(recipe.weights.path).is_file() else "NO WEIGHTS"
+        files = [recipe.weights.path] + ([recipe.pipeline.detector.weights.path] if recipe.pipeline else [])
+        weights = "weights ok" if all(recipe.resolve(f).is_file() for f in files) else "NO WEIGHTS"
         report = reports_dir / recipe.name / "report.json"
         if report.is_file():
             built = json.loads(report.read_text())
             accuracy = built["reference"]["lfw_accuracy"]
             measured = f"LFW {100 * accuracy:.2f}% ({built['verdict']}, {built['created'][:10]})"
+            detector = built.get("pipeline", {}).get("detector")
+            if detector:
+                measured += f"; detector recall {100 * detector['reference']['recall']:.1f}% of MTCNN's faces"
         else:
             measured = "not built"
         paper_text = "—" if paper is None else f"{100 * paper:.2f}%"
@@ -94,6 +98,16 @@ def _train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, data_root=args.data_root, fallback_to_lfw=args.data_root is None)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.stage == "detector":
+        from factory.detection import train_detector_stage
+
+        if recipe.pipeline is None:
+            raise FactoryError(f"{args.recipe} has no 'pipeline.detector' section; only pipeline recipes "
+                               "(e.g. recipes/lefv.yaml) have a detector to train")
+        output = Path(args.output) if args.output else recipe.resolve(recipe.pipeline.detector.weights.path)
+        summary = train_detector_stage(recipe, output)
+        print(f"detector weights written to {output} ({summary['wall_time_s'] / 60:.1f} min on {summary['device']})")
+        return 0
     output = Path(args.output) if args.output else recipe.resolve(recipe.weights.path)
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
@@ -218,6 +232,8 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", help="weights file (default: weights.path of the recipe)")
     train.add_argument("--threads", type=int, help="CPU threads for training")
     train.add_argument("--data-root", help="use this face folder instead of data.root")
+    train.add_argument("--stage", default="recogniser", choices=("recogniser", "detector"),
+                       help="which model of a pipeline recipe to train (default: the recogniser, `model`)")
     train.set_defaults(handler=_train)
 
     curve = commands.add_parser("curve", help="held-out accuracy against training identities and epochs")

@@ -182,6 +182,70 @@ class LatencyConfig:
 
 
 @dataclass
+class DetectorTrainConfig:
+    """The face detector's schedule: `steps` of AdamW (one-cycle learning rate) on batches of augmented photos."""
+
+    steps: int = 3000
+    batch_size: int = 32
+    learning_rate: float = 0.002
+    weight_decay: float = 0.0001
+    seed: int = 0
+
+
+@dataclass
+class DetectorGateConfig:
+    """Parity gates of one precision of a detector against its PyTorch fp32 output (None = not gated).
+
+    agreement: share of PyTorch's detections on the held-out photos that the artifact also makes (IoU >= 0.5);
+    box_iou_mean: mean IoU of those matched boxes; landmark_error_mean: mean landmark distance over the
+    inter-ocular distance; map_cosine_mean: cosine of the output maps; recall_drop: how much lower the artifact's
+    recall of MTCNN's faces is than PyTorch's.
+    """
+
+    agreement_min: float | None = None
+    box_iou_mean_min: float | None = None
+    landmark_error_mean_max: float | None = None
+    map_cosine_mean_min: float | None = None
+    recall_drop_max: float | None = None
+
+
+def _default_detector_gates() -> dict[str, DetectorGateConfig]:
+    return {
+        "fp32": DetectorGateConfig(agreement_min=1.0, box_iou_mean_min=0.999, landmark_error_mean_max=0.002,
+                                   recall_drop_max=0.0),
+        "fp16": DetectorGateConfig(agreement_min=0.98, box_iou_mean_min=0.98, landmark_error_mean_max=0.02,
+                                   recall_drop_max=0.02),
+        "w8": DetectorGateConfig(agreement_min=0.95, box_iou_mean_min=0.95, landmark_error_mean_max=0.04,
+                                 recall_drop_max=0.03),
+        "int8": DetectorGateConfig(agreement_min=0.92, box_iou_mean_min=0.93, landmark_error_mean_max=0.07,
+                                   recall_drop_max=0.035),
+    }
+
+
+@dataclass
+class DetectorConfig:
+    """A pipeline's face detector, taught by MTCNN on raw photos (see `factory.detection`).
+
+    `photos` lists the raw photos (a `raw-samples/landmarks.csv`-style file under data.root); every
+    `held_out_every`-th of them, in path order, is never trained on and scores the detector.
+    """
+
+    weights: WeightsConfig
+    photos: str = "raw-samples/landmarks.csv"
+    held_out_every: int = 5
+    input_size: int = 192
+    train: DetectorTrainConfig = field(default_factory=DetectorTrainConfig)
+    gates: dict[Precision, DetectorGateConfig] = field(default_factory=_default_detector_gates)
+
+
+@dataclass
+class PipelineConfig:
+    """Stages that run before the recogniser (the recipe's `model`) on raw photos."""
+
+    detector: DetectorConfig
+
+
+@dataclass
 class Recipe:
     """A whole recipe. `path` is the recipe file (set by the loader, not written in YAML)."""
 
@@ -193,6 +257,7 @@ class Recipe:
     train: TrainConfig | None = None
     gates: dict[Precision, GateConfig] = field(default_factory=_default_gates)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
+    pipeline: PipelineConfig | None = None
     path: Path = field(default=Path("."), metadata={"internal": True})
 
     def resolve(self, relative: str) -> Path:
@@ -376,6 +441,20 @@ def _check_rules(recipe: Recipe, problems: list[str]) -> None:
         exists = resolved.is_dir() if kind == "dir" else resolved.is_file()
         if not exists:
             problems.append(f"{key}: {kind} not found: {resolved}")
+    if recipe.pipeline is not None:
+        detector = recipe.pipeline.detector
+        if detector.input_size <= 0 or detector.input_size % 16:
+            problems.append(f"pipeline.detector.input_size: must be a positive multiple of 16, "
+                            f"got {detector.input_size}")
+        if detector.held_out_every < 2:
+            problems.append(f"pipeline.detector.held_out_every: at least 2 (every n-th photo is held out), "
+                            f"got {detector.held_out_every}")
+        for name in ("steps", "batch_size"):
+            if getattr(detector.train, name) <= 0:
+                problems.append(f"pipeline.detector.train.{name}: must be positive")
+        photos = recipe.resolve(str(Path(recipe.data.root) / detector.photos))
+        if not photos.is_file():
+            problems.append(f"pipeline.detector.photos: file not found: {photos}")
     weights = recipe.resolve(recipe.weights.path)
     if not weights.is_file() and recipe.train is None:
         problems.append(f"weights.path: file not found: {weights}, and there is no 'train' section to make it")

@@ -103,7 +103,8 @@ def training_summary(path: Path) -> dict | None:
         return None
     if not isinstance(summary, dict):
         return None
-    keep = ("device", "images", "identities", "epochs", "train_config", "wall_time_s", "evaluation")
+    keep = ("device", "images", "identities", "epochs", "train_config", "wall_time_s", "evaluation",
+            "teacher", "photos")
     return {key: summary[key] for key in keep if key in summary}
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from factory.detection import Face, Photo, box_iou
 from factory.models.mobilefacenet import Bottleneck, conv_block
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,3 +93,32 @@ def recipe_dict(data_root: Path, weights: str = "w.safetensors") -> dict:
         },
         "targets": [{"format": "tflite", "precisions": ["fp32", "int8"]}],
     }
+
+
+# Landmark layout of a synthetic face inside its box, as fractions (eyes, nose, mouth corners).
+LAYOUT = np.array([[0.3, 0.38], [0.7, 0.38], [0.5, 0.58], [0.34, 0.78], [0.66, 0.78]], np.float32)
+
+
+def face_at(x: float, y: float, side: float) -> Face:
+    box = np.array([x, y, x + side, y + side], np.float32)
+    return Face(box, (np.array([x, y]) + LAYOUT * side).astype(np.float32), 1.0)
+
+
+def draw_photo(rng: np.random.Generator, height: int = 240, width: int = 320) -> Photo:
+    """A noisy background with one or two drawn 'faces' (a skin disc with dark eyes and mouth)."""
+    pixels = rng.integers(0, 90, (height, width, 3)).astype(np.uint8)
+    faces = []
+    for _ in range(rng.integers(1, 3)):
+        side = float(rng.uniform(50, 110))
+        x, y = float(rng.uniform(0, width - side)), float(rng.uniform(0, height - side))
+        if any(box_iou(np.array([x, y, x + side, y + side]), f.box) > 0 for f in faces):
+            continue
+        face = face_at(x, y, side)
+        cv2.ellipse(pixels, (int(x + side / 2), int(y + side / 2)), (int(side / 2), int(side / 2)), 0, 0, 360,
+                    (220, 180, 150), -1)
+        for lx, ly in face.landmarks[:2]:
+            cv2.circle(pixels, (int(lx), int(ly)), max(int(side / 12), 2), (20, 20, 20), -1)
+        cv2.line(pixels, tuple(int(v) for v in face.landmarks[3]), tuple(int(v) for v in face.landmarks[4]),
+                 (120, 30, 30), max(int(side / 20), 1))
+        faces.append(face)
+    return Photo(Path(f"synthetic_{rng.integers(1 << 30)}.jpg"), pixels, faces, faces[0])

@@ -88,3 +88,23 @@ def test_shipped_recipes_validate() -> None:
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert "mobilefacenet.yaml: ok" in result.stdout
+
+
+def test_pipeline_detector_settings_are_checked(tmp_path: Path, data_root: Path) -> None:
+    data = recipe_dict(data_root)
+    data["pipeline"] = {"detector": {"weights": {"path": "d.safetensors"}, "photos": "no_such.csv",
+                                     "input_size": 100, "held_out_every": 1, "train": {"steps": 0}}}
+    joined = "\n".join(problems_of(write(tmp_path, data)))
+    assert "pipeline.detector.input_size: must be a positive multiple of 16, got 100" in joined
+    assert "pipeline.detector.held_out_every: at least 2" in joined
+    assert "pipeline.detector.train.steps: must be positive" in joined
+    assert "pipeline.detector.photos: file not found" in joined and "no_such.csv" in joined
+
+
+def test_training_a_detector_needs_a_pipeline_recipe(tmp_path: Path, data_root: Path) -> None:
+    path = write(tmp_path, recipe_dict(data_root))
+    result = subprocess.run([sys.executable, "-m", "factory", "train", str(path), "--stage", "detector"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode != 0
+    assert "has no 'pipeline.detector' section" in result.stderr
+    assert not (tmp_path / "d.safetensors").exists()

@@ -45,3 +45,17 @@ def test_full_build_passes_its_gates_and_reproduces_the_committed_report(recipe:
         now = built[(artifact["format"], artifact["precision"])]
         if artifact["parity"] is not None:
             assert now["parity"]["cosine_mean"] == pytest.approx(artifact["parity"]["cosine_mean"], abs=0.002)
+    # Pipeline recipes (LEFV): the detector's PyTorch scores are deterministic, its artifacts' parity close.
+    if "pipeline" in committed:
+        detector, before = report["pipeline"]["detector"], committed["pipeline"]["detector"]
+        assert detector["reference"]["recall"] == pytest.approx(before["reference"]["recall"], abs=1e-9)
+        assert detector["reference"]["iou_mean"] == pytest.approx(before["reference"]["iou_mean"], abs=1e-4)
+        rows = {(a["format"], a["precision"]): a for a in detector["artifacts"]}
+        for artifact in before["artifacts"]:
+            now = rows[(artifact["format"], artifact["precision"])]
+            assert now["parity"]["agreement"] == pytest.approx(artifact["parity"]["agreement"], abs=0.03)
+        pytorch = {row["photos_set"]: row for row in report["pipeline"]["end_to_end"]["rows"]
+                   if row["runtime"] == "PyTorch fp32"}
+        for row in committed["pipeline"]["end_to_end"]["rows"]:
+            if row["runtime"] == "PyTorch fp32":
+                assert pytorch[row["photos_set"]]["cosine_mean"] == pytest.approx(row["cosine_mean"], abs=1e-3)

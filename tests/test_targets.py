@@ -185,3 +185,20 @@ def test_export_friendly_hard_sigmoid_is_torchs() -> None:
 
     x = torch.linspace(-5.0, 5.0, 2001)
     assert torch.allclose(HardSigmoid()(x), torch.nn.Hardsigmoid()(x), atol=1e-7)
+
+
+@pytest.mark.parametrize("fmt", ["tflite", "executorch"])
+def test_lefv_recogniser_int8_matches_pytorch(tmp_path, fmt) -> None:
+    """LEFV's dropout must not reach the exported graph: as a no-op node there it broke litert-torch's int8
+    conversion (cosine 0.67 with PyTorch on the trained model, while its PT2E simulation gave 0.9997)."""
+    from helpers import settle_batchnorm
+
+    from factory.models import create_model
+
+    torch.manual_seed(0)
+    backbone = settle_batchnorm(create_model("lefv", embedding_size=32),
+                                torch.from_numpy((pixels(32, 5) - 127.5) / 128.0))
+    exported = torch.export.export(backbone, (torch.zeros(1, 3, 112, 112),))
+    assert not any("dropout" in str(node.target) for node in exported.graph.nodes)
+    target, artifact = compile_tiny(backbone, fmt, "int8", tmp_path)
+    assert run_parity(target, artifact, backbone)["cosine_mean"] >= 0.98

@@ -24,6 +24,8 @@ class ModelEntry:
         paper_numbers: Published figures (params_m, macs_m, lfw_accuracy, ...) for comparison.
         paper_kwargs: Builder keyword arguments under which `paper_numbers` hold, where the paper's network
             differs from the factory's default build (e.g. a 512-D embedding instead of 128-D).
+        channels_last_training: Whether training on CPU runs faster with channels-last tensors (true for plain
+            convolution stacks; false where channel splits and shuffles make it slower).
         tolerance: Relative deviation from each of `paper_numbers` that the tests accept (default
             `DEFAULT_TOLERANCE`); wider where a paper prints rounded figures such as "1.3M".
     """
@@ -34,6 +36,7 @@ class ModelEntry:
     paper_numbers: dict[str, float] = field(default_factory=dict)
     paper_kwargs: dict[str, object] = field(default_factory=dict)
     tolerance: dict[str, float] = field(default_factory=dict)
+    channels_last_training: bool = True
 
     def tolerance_of(self, key: str) -> float:
         """Accepted relative deviation from `paper_numbers[key]`."""
@@ -50,6 +53,7 @@ def register_model(
     paper_numbers: dict[str, float] | None = None,
     paper_kwargs: dict[str, object] | None = None,
     tolerance: dict[str, float] | None = None,
+    channels_last_training: bool = True,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator adding a model builder to the registry under `name` (see `ModelEntry` for the fields)."""
 
@@ -57,7 +61,8 @@ def register_model(
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
         _REGISTRY[name] = ModelEntry(
-            name, builder, paper, dict(paper_numbers or {}), dict(paper_kwargs or {}), dict(tolerance or {})
+            name, builder, paper, dict(paper_numbers or {}), dict(paper_kwargs or {}), dict(tolerance or {}),
+            channels_last_training,
         )
         return builder
 

@@ -32,6 +32,11 @@ class CompileRequest:
         calibration: Calibration faces as NCHW float32 pixel values in [0, 255] (int8 uses them).
         output: Where the artifact goes (a file, or a directory bundle for Core ML).
         stages: Where the target times its pipeline stages.
+        graph: Builds the deployed graph around a (possibly quantised) backbone; None: the face embedder
+            (`factory.deploy.Embedder`). Other pipeline stages (a detector) deploy other graphs.
+        output_name: Name of the artifact's output, where the format names it (Core ML).
+        output_shape: Shape of the artifact's output; None: (1, embedding_size).
+        description: One line describing the model, where the format stores one (Core ML).
     """
 
     backbone: nn.Module
@@ -42,17 +47,29 @@ class CompileRequest:
     calibration: np.ndarray
     output: Path
     stages: StageLog = field(default_factory=StageLog)
+    graph: Callable[[nn.Module], nn.Module] | None = None
+    output_name: str = "embedding"
+    output_shape: list[int] | None = None
+    description: str = "Face embedding model built by the mobile face-model factory"
 
     @property
     def label(self) -> str:
         return self.output.name
 
-    def deployable(self, backbone: nn.Module | None = None) -> Embedder:
+    @property
+    def artifact_output_shape(self) -> list[int]:
+        return list(self.output_shape) if self.output_shape is not None else [1, self.embedding_size]
+
+    def deployable(self, backbone: nn.Module | None = None) -> nn.Module:
         """The deployed graph around `backbone` (default: the fp32 backbone)."""
+        inner = self.backbone if backbone is None else backbone
+        if self.graph is not None:
+            deployed = self.graph(inner)
+        else:
+            deployed = Embedder(inner, self.mean, self.std, self.embedding_size)
         # The backbone is already in eval mode; a quantised (exported) backbone refuses .eval().
-        embedder = Embedder(self.backbone if backbone is None else backbone, self.mean, self.std, self.embedding_size)
-        embedder.training = False
-        return embedder
+        deployed.training = False
+        return deployed
 
     def example_pixels(self) -> tuple[torch.Tensor]:
         """One calibration face as the deployed graph's example input."""

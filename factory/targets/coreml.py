@@ -64,8 +64,8 @@ class CoreMLTarget:
             exported = torch.export.export(request.deployable(backbone), example).run_decompositions({})
         shape = tuple(example[0].shape)
         with request.stages.stage(Stage.LOWER, f"{request.label}: coremltools ML program"):
-            mlmodel = self._convert(exported, shape, request.precision)
-        mlmodel.short_description = "Face embedding model built by the mobile face-model factory"
+            mlmodel = self._convert(exported, shape, request.precision, request.output_name)
+        mlmodel.short_description = request.description
         with request.stages.stage(Stage.SERIALIZE, request.label), atomic_path(request.output) as tmp:
             mlmodel.save(str(tmp))
         return CompiledArtifact(
@@ -76,8 +76,8 @@ class CoreMLTarget:
             input_layout="NCHW",
             input_shape=list(shape),
             input_dtype="float32 (MLMultiArray)",
-            output_name=OUTPUT_NAME,
-            output_shape=[1, request.embedding_size],
+            output_name=request.output_name,
+            output_shape=request.artifact_output_shape,
             output_dtype="float32 (MLMultiArray)",
             quantization=QUANTIZATION[request.precision],
             details={"deployment_target": DEPLOYMENT_TARGETS[request.precision], "compute_precision": "float16"},
@@ -102,14 +102,15 @@ class CoreMLTarget:
         return request.quantized_backbone(CoreMLQuantizer(config), fold_quantize=True)
 
     @staticmethod
-    def _convert(exported: torch.export.ExportedProgram, shape: tuple[int, ...], precision: str) -> object:
+    def _convert(exported: torch.export.ExportedProgram, shape: tuple[int, ...], precision: str,
+                 output_name: str = OUTPUT_NAME) -> object:
         import coremltools as ct
         import coremltools.optimize.coreml as cto
 
         mlmodel = ct.convert(
             exported,
             inputs=[ct.TensorType(name=INPUT_NAME, shape=shape, dtype=np.float32)],
-            outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)],
+            outputs=[ct.TensorType(name=output_name, dtype=np.float32)],
             convert_to="mlprogram",
             compute_precision=ct.precision.FLOAT16,
             minimum_deployment_target=getattr(ct.target, DEPLOYMENT_TARGETS[precision]),
@@ -133,9 +134,11 @@ class CoreMLTarget:
         import coremltools as ct
 
         model = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, compute_unit))
+        output_name = model.get_spec().description.output[0].name
 
         def run_one(x: np.ndarray) -> np.ndarray:
-            return np.asarray(model.predict({INPUT_NAME: x})[OUTPUT_NAME], np.float32).reshape(1, -1)
+            output = np.asarray(model.predict({INPUT_NAME: x})[output_name], np.float32)
+            return output.reshape(1, *output.shape[1:]) if output.ndim > 1 else output.reshape(1, -1)
 
         return batched(run_one)
 
@@ -144,13 +147,14 @@ class CoreMLTarget:
         from factory.coreml_interpreter import CoreMLInterpreter
 
         interpreter = CoreMLInterpreter.from_package(path)
+        (output_name,) = interpreter.output_names
 
         def run(batch: np.ndarray) -> np.ndarray:
             previous = torch.get_num_threads()
             torch.set_num_threads(threads or previous)
             try:
                 return np.concatenate([
-                    interpreter.run({INPUT_NAME: batch[start : start + INTERPRETER_BATCH]})[OUTPUT_NAME]
+                    interpreter.run({INPUT_NAME: batch[start : start + INTERPRETER_BATCH]})[output_name]
                     for start in range(0, len(batch), INTERPRETER_BATCH)
                 ]).astype(np.float32)
             finally:

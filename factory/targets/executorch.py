@@ -17,6 +17,9 @@ from factory.io import atomic_path
 from factory.stages import Stage
 from factory.targets.base import CompiledArtifact, CompileRequest, Runner, batched, register_target
 
+# The size last given to XNNPACK's process-wide threadpool (None: never set by the factory).
+_threadpool_size: int | None = None
+
 # Graph nodes that are bookkeeping, not computation left outside the delegate.
 _BOOKKEEPING = {"executorch_call_delegate", "getitem"}
 
@@ -97,13 +100,18 @@ class ExecuTorchTarget:
         from executorch.extension.pybindings import portable_lib
         from executorch.runtime import Runtime
 
-        if threads:
-            # XNNPACK's process-wide threadpool; the pybindings expose its size for exactly this.
+        global _threadpool_size
+        if threads and threads != _threadpool_size:
+            # XNNPACK's process-wide threadpool; the pybindings expose its size for exactly this. Resetting it
+            # leaves methods loaded before the reset with a stale pool (running one crashes the process), so
+            # it is reset only when the size changes, and callers load a runner right before using it.
             portable_lib._unsafe_reset_threadpool(threads)
+            _threadpool_size = threads
         method = Runtime.get().load_program(path).load_method("forward")
 
         def run_one(x: np.ndarray) -> np.ndarray:
-            return method.execute([torch.from_numpy(x)])[0].numpy().copy()
+            # The runtime reads the buffer as contiguous NCHW whatever the array's strides say.
+            return method.execute([torch.from_numpy(np.ascontiguousarray(x))])[0].numpy().copy()
 
         return batched(run_one)
 

@@ -55,6 +55,12 @@ class TFLiteTarget:
         interpreter = Interpreter(model_path=str(path))
         (inp,) = interpreter.get_input_details()
         (out,) = interpreter.get_output_details()
+        scale, zero_point = out["quantization"]
+        output_dtype = np.dtype(out["dtype"]).name
+        io = "float32 I/O"
+        if np.issubdtype(out["dtype"], np.integer):
+            output_dtype += f" (real = {scale:.6g} * (q - {zero_point}))"
+            io = f"float32 input, {np.dtype(out['dtype']).name} output"
         return CompiledArtifact(
             path=path,
             format=self.format,
@@ -65,10 +71,10 @@ class TFLiteTarget:
             input_dtype=np.dtype(inp["dtype"]).name,
             output_name=out["name"],
             output_shape=[int(d) for d in out["shape"]],
-            output_dtype=np.dtype(out["dtype"]).name,
+            output_dtype=output_dtype,
             quantization=(
                 "static W8A8: int8 per-channel symmetric weights, int8 per-tensor activations "
-                "(litert-torch PT2E), float32 I/O" if precision == "int8" else "none (float32)"
+                f"(litert-torch PT2E), {io}" if precision == "int8" else "none (float32)"
             ),
         )
 
@@ -78,12 +84,18 @@ class TFLiteTarget:
         interpreter = Interpreter(model_path=str(path), num_threads=threads or all_threads())
         interpreter.allocate_tensors()
         input_index = interpreter.get_input_details()[0]["index"]
-        output_index = interpreter.get_output_details()[0]["index"]
+        output = interpreter.get_output_details()[0]
+        scale, zero_point = output["quantization"]
 
         def run_one(x: np.ndarray) -> np.ndarray:
-            interpreter.set_tensor(input_index, x)
+            interpreter.set_tensor(input_index, np.ascontiguousarray(x))
             interpreter.invoke()
-            return interpreter.get_tensor(output_index).copy()
+            result = interpreter.get_tensor(output["index"])
+            if np.issubdtype(result.dtype, np.integer):
+                # A quantised output (the converter keeps the graph's tail int8 when every op after the last
+                # convolution has an int8 kernel): real value = scale * (q - zero_point), as apps compute it.
+                return (result.astype(np.float32) - zero_point) * np.float32(scale)
+            return result.copy()
 
         return batched(run_one)
 

@@ -1,0 +1,308 @@
+"""Build and verify the stages that run before the recogniser in a pipeline recipe (LEFV's face detector).
+
+Each stage is compiled to every target and precision of the recipe, like the recogniser, and each artifact is
+run on the held-out raw photos and compared with the PyTorch stage:
+
+  * detector: the artifact's detections against PyTorch's (agreement: share of PyTorch's faces it finds at
+    IoU >= 0.5; box IoU of each matched pair; landmark distance over the inter-ocular distance), the raw output
+    map's cosine, and its recall against MTCNN (the teacher) beside PyTorch's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from factory.align.template import align_face
+from factory.data import load_images
+from factory.detection import (
+    DeployedDetector,
+    Face,
+    Photo,
+    augment,
+    decode,
+    letterbox,
+    match,
+    score_detector,
+    to_photo,
+    torch_runner,
+)
+from factory.evaluation import torch_embeddings
+from factory.latency import all_threads, time_calls
+from factory.models.lefv_detector import OUTPUT_CHANNELS, STRIDE, LEFVDetector
+from factory.profile import count_macs, count_parameters
+from factory.recipe import DetectorGateConfig, Recipe
+from factory.stages import Stage, StageLog
+from factory.targets import CompileRequest, get_target
+from factory.weights import load_weights, sha256_of, training_summary
+
+DETECTOR_MEAN = [127.5, 127.5, 127.5]
+DETECTOR_STD = [128.0, 128.0, 128.0]
+# Calibration canvases per training photo (seeded zooms and shifts, as in training).
+CALIBRATION_VIEWS = 2
+
+
+def _canvases(photos: list[Photo], size: int) -> tuple[np.ndarray, list[float]]:
+    pairs = [letterbox(p.pixels, size) for p in photos]
+    nchw = np.ascontiguousarray(np.stack([c for c, _ in pairs]).transpose(0, 3, 1, 2), dtype=np.float32)
+    return nchw, [s for _, s in pairs]
+
+
+def calibration_canvases(photos: list[Photo], size: int, seed: int = 0) -> np.ndarray:
+    """Training photos only: each letterboxed, plus seeded random zooms of it, as NCHW float pixels."""
+    rng = np.random.default_rng(seed)
+    views = [letterbox(p.pixels, size)[0] for p in photos]
+    views += [augment(p, size, rng)[0] for p in photos if p.faces for _ in range(CALIBRATION_VIEWS - 1)]
+    return np.ascontiguousarray(np.stack(views).transpose(0, 3, 1, 2), dtype=np.float32)
+
+
+def detection_parity(outputs: np.ndarray, reference: np.ndarray, scales: list[float],
+                     photos: list[Photo]) -> dict[str, float]:
+    """How an artifact's detections on held-out photos agree with PyTorch's."""
+    flat, ref_flat = outputs.reshape(len(outputs), -1), reference.reshape(len(reference), -1)
+    cosine = (flat * ref_flat).sum(1) / (np.linalg.norm(flat, axis=1) * np.linalg.norm(ref_flat, axis=1) + 1e-12)
+    reference_faces = found_faces = agreed = 0
+    ious, landmark_errors = [], []
+    for output, ref_output, scale in zip(outputs, reference, scales, strict=True):
+        mine: list[Face] = to_photo(decode(output), scale)
+        theirs: list[Face] = to_photo(decode(ref_output), scale)
+        reference_faces += len(theirs)
+        found_faces += len(mine)
+        pairs = match(mine, theirs)
+        agreed += len(pairs)
+        for i, j, iou in pairs:
+            ious.append(iou)
+            ocular = max(float(np.linalg.norm(theirs[j].landmarks[0] - theirs[j].landmarks[1])), 1.0)
+            landmark_errors.append(float(np.linalg.norm(mine[i].landmarks - theirs[j].landmarks, axis=1).mean())
+                                   / ocular)
+    ious_a, errors = np.asarray(ious or [0.0]), np.asarray(landmark_errors or [np.inf])
+    return {
+        "map_cosine_mean": float(cosine.mean()), "map_cosine_min": float(cosine.min()),
+        "reference_detections": reference_faces, "detections": found_faces,
+        "agreement": agreed / max(reference_faces, 1),
+        "extra_detections": found_faces - agreed,
+        "box_iou_mean": float(ious_a.mean()), "box_iou_min": float(ious_a.min()),
+        "landmark_error_mean": float(errors.mean()), "landmark_error_max": float(errors.max()),
+    }
+
+
+def evaluate_detector_gates(gate: DetectorGateConfig | None, parity: dict[str, float]) -> list[dict[str, Any]]:
+    """Each configured detector gate with its measured value and whether it passed."""
+    if gate is None:
+        return []
+    checks = [("agreement", gate.agreement_min, ">="), ("box_iou_mean", gate.box_iou_mean_min, ">="),
+              ("landmark_error_mean", gate.landmark_error_mean_max, "<="),
+              ("map_cosine_mean", gate.map_cosine_mean_min, ">="), ("recall_drop", gate.recall_drop_max, "<=")]
+    results = []
+    for metric, threshold, op in checks:
+        if threshold is None:
+            continue
+        value = parity[metric]
+        passed = value >= threshold if op == ">=" else value <= threshold
+        results.append({"name": f"{metric} {op} {threshold}", "metric": metric, "value": value,
+                        "threshold": threshold, "op": op, "passed": bool(passed),
+                        "margin": value - threshold if op == ">=" else threshold - value})
+    return results
+
+
+def build_detector(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], None],
+                   latency_call: Callable[[Any, Path, np.ndarray], Callable[[int], Callable[[], object]]],
+                   photos: tuple[list[Photo], list[Photo]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Compile the recipe's detector to every target and verify each artifact (see the module docstring).
+
+    Returns the report section and, by "format precision", a function loading each artifact's detector runner
+    (for `end_to_end`; a runner is loaded right before use, see the ExecuTorch target's threadpool note).
+    """
+    cfg = recipe.pipeline.detector
+    size = cfg.input_size
+    weights_path = recipe.resolve(cfg.weights.path)
+    train_photos, held_out = photos
+    with log.stage(Stage.LOAD, "LEFV detector weights"):
+        network = load_weights(LEFVDetector(), weights_path, cfg.weights.sha256)
+        calibration = calibration_canvases(train_photos, size, cfg.train.seed)
+        canvases, scales = _canvases(held_out, size)
+    printer(f"  detector: {len(held_out)} held-out photos, {len(calibration)} calibration canvases "
+            f"from {len(train_photos)} training photos")
+    deployed = DeployedDetector(network).eval()
+    with log.stage(Stage.VERIFY, "PyTorch fp32 detector"):
+        reference = torch_runner(deployed)(canvases)
+        reference_score = score_detector(torch_runner(deployed), held_out, size).summary()
+    printer(f"  detector reference: recall {reference_score['recall']:.3f} of MTCNN's faces, "
+            f"IoU {reference_score['iou_mean']:.3f}")
+    cells = size // STRIDE
+    artifacts = []
+    runners: dict[str, Callable[[], Callable[[np.ndarray], np.ndarray]]] = {
+        "PyTorch fp32": lambda: torch_runner(deployed)}
+    for target_cfg in recipe.targets:
+        target = get_target(target_cfg.format)
+        for precision in target_cfg.precisions:
+            request = CompileRequest(
+                backbone=network, mean=DETECTOR_MEAN, std=DETECTOR_STD, embedding_size=0, precision=precision,
+                calibration=calibration, output=out / f"{recipe.name}_detector_{precision}{target.suffix}",
+                stages=log, graph=DeployedDetector, output_name="detections",
+                output_shape=[1, OUTPUT_CHANNELS, cells, cells],
+                description="Face detector (LEFV stage 1) built by the mobile face-model factory: "
+                            "score, box and 5 landmarks per 16-pixel cell",
+            )
+            artifact = target.compile(request)
+            entry: dict[str, Any] = {
+                "file": artifact.path.name, "format": artifact.format, "precision": precision,
+                "bytes": _size(artifact.path), "sha256": sha256_of(artifact.path),
+                "quantization": artifact.quantization, "runtime": target.runtime_name,
+                "io": {"input": {"name": artifact.input_name, "shape": artifact.input_shape,
+                                 "layout": artifact.input_layout},
+                       "output": {"name": artifact.output_name, "shape": artifact.output_shape}},
+                "verified_by": target.runtime_name, "latency_ms": None,
+            }
+            layout_canvases = canvases.transpose(0, 2, 3, 1).copy() if artifact.input_layout == "NHWC" else canvases
+            with log.stage(Stage.VERIFY, f"{artifact.path.name} on {len(held_out)} held-out photos"):
+                runner = target.load_runner(artifact.path, all_threads())
+                outputs = runner(layout_canvases)
+                parity = detection_parity(outputs, reference, scales, held_out)
+                teacher = score_detector(_single(runner, artifact.input_layout), held_out, size).summary()
+                parity["recall_drop"] = reference_score["recall"] - teacher["recall"]
+                runners[f"{artifact.format} {precision}"] = (
+                    lambda target=target, path=artifact.path, layout=artifact.input_layout:
+                    _single(target.load_runner(path, all_threads()), layout))
+            entry.update(status="verified", parity=parity, teacher=teacher,
+                         gates=evaluate_detector_gates(cfg.gates.get(precision), parity))
+            if target.host_latency:
+                with log.stage(Stage.VERIFY, f"{artifact.path.name} latency"):
+                    entry["latency_ms"] = {
+                        f"{threads}_thread" + ("s" if threads > 1 else ""): time_calls(
+                            latency_call(target, artifact.path, layout_canvases[:1])(threads),
+                            recipe.latency.warmup, recipe.latency.runs)
+                        for threads in sorted({1, all_threads()})}
+            for gate in entry["gates"]:
+                if not gate["passed"]:
+                    printer(f"  GATE FAILED {artifact.path.name}: {gate['metric']} = {gate['value']:.6f}, "
+                            f"needs {gate['op']} {gate['threshold']}")
+            artifacts.append(entry)
+    torch_latency = {}
+    for threads in sorted({1, all_threads()}):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        example = torch.from_numpy(canvases[:1])
+        with torch.inference_mode():
+            torch_latency[f"{threads}_thread" + ("s" if threads > 1 else "")] = time_calls(
+                lambda example=example: deployed(example), recipe.latency.warmup, recipe.latency.runs)
+        torch.set_num_threads(previous)
+    return {
+        "architecture": "lefv_detector",
+        "weights_sha256": sha256_of(weights_path),
+        "training": training_summary(weights_path),
+        "params": count_parameters(network),
+        "macs": count_macs(network, (1, 3, size, size)),
+        "input": {"size": size, "letterbox": "longer side scaled to the input size, top-left, black padding",
+                  "mean": DETECTOR_MEAN, "std": DETECTOR_STD},
+        "held_out_photos": len(held_out),
+        "calibration_canvases": len(calibration),
+        "reference": reference_score,
+        "pytorch_latency_ms": torch_latency,
+        "artifacts": artifacts,
+    }, runners
+
+
+def _single(runner: Callable[[np.ndarray], np.ndarray], layout: str) -> Callable[[np.ndarray], np.ndarray]:
+    """A runner taking NCHW canvases, for an artifact whose input is `layout`."""
+    if layout == "NHWC":
+        return lambda batch: runner(batch.transpose(0, 2, 3, 1).copy())
+    return runner
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+@dataclass
+class StageRunners:
+    """One way of running the pipeline: a detector runner (NCHW canvases) and a recogniser runner."""
+
+    name: str
+    detect: Callable[[np.ndarray], np.ndarray]
+    embed: Callable[[np.ndarray], np.ndarray]
+    embed_layout: str = "NCHW"
+
+
+def largest_face(faces: list[Face]) -> Face | None:
+    """The face an app would pick from a photo: the largest detection."""
+    return max(faces, key=lambda f: float((f.box[2] - f.box[0]) * (f.box[3] - f.box[1])), default=None)
+
+
+def end_to_end(runners: StageRunners, photos: list[Photo], size: int, face_size: int,
+               reference: dict[Path, np.ndarray], threshold: float) -> dict[str, Any]:
+    """Raw photo in, embedding out: detect, take the largest face, align it by its 5 predicted landmarks onto the
+    ArcFace template, embed; compared with the PyTorch recogniser's embedding of the shared data's own aligned crop
+    of that face (MTCNN landmarks). `threshold` is the recogniser's verification threshold on LFW: a cosine above it
+    means the pipeline's face would verify as the same person as the reference crop."""
+    cosines, missed, timings = [], [], []
+    for photo in photos:
+        if photo.aligned_reference is None:
+            continue
+        started = time.perf_counter()
+        canvas, scale = letterbox(photo.pixels, size)
+        faces = to_photo(decode(runners.detect(np.ascontiguousarray(canvas.transpose(2, 0, 1)[None],
+                                                                    dtype=np.float32))[0]), scale)
+        face = largest_face(faces)
+        if face is None:
+            missed.append(photo.path.name)
+            continue
+        crop = align_face(photo.pixels, face.landmarks, face_size).astype(np.float32)[None]
+        crop = crop if runners.embed_layout == "NHWC" else crop.transpose(0, 3, 1, 2)
+        embedding = runners.embed(np.ascontiguousarray(crop))[0]
+        timings.append((time.perf_counter() - started) * 1000.0)
+        cosines.append(float(embedding @ reference[photo.aligned_reference]))
+    values = np.asarray(cosines or [0.0])
+    counted = len(cosines) + len(missed)
+    return {
+        "runtime": runners.name, "photos": counted, "faces_found": len(cosines),
+        "found_rate": len(cosines) / max(counted, 1),
+        "cosine_mean": float(values.mean()), "cosine_median": float(np.median(values)),
+        "cosine_p10": float(np.percentile(values, 10)),
+        "same_person_rate": float((values > threshold).sum() / max(counted, 1)),
+        "threshold": threshold,
+        "host_ms_per_photo_median": float(np.median(timings)) if timings else None,
+        "missed": missed[:10],
+    }
+
+
+def end_to_end_rows(recipe: Recipe, log: StageLog, photos: tuple[list[Photo], list[Photo]],
+                    detectors: dict[str, Callable[[], Callable[[np.ndarray], np.ndarray]]],
+                    recognisers: dict[str, tuple[Callable[[], Callable[[np.ndarray], np.ndarray]], str]],
+                    reference_model: nn.Module, threshold: float) -> dict[str, Any]:
+    """`end_to_end` for PyTorch on every raw photo, and for each format and precision (its detector artifact with
+    its recogniser artifact) on the detector's held-out photos."""
+    train_photos, held_out = photos
+    everything = sorted(train_photos + held_out, key=lambda p: str(p.path))
+    size, face_size = recipe.pipeline.detector.input_size, recipe.model.input.size
+    crops = [p.aligned_reference for p in everything if p.aligned_reference is not None]
+    with log.stage(Stage.VERIFY, f"end to end: PyTorch reference embeddings of {len(crops)} aligned crops"):
+        pixels = np.ascontiguousarray(load_images(crops, face_size).transpose(0, 3, 1, 2), dtype=np.float32)
+        reference = dict(zip(crops, torch_embeddings(reference_model, pixels), strict=True))
+    rows = []
+    torch_embed = (lambda: lambda batch: torch_embeddings(reference_model, batch), "NCHW")
+    for name, load_detector in detectors.items():
+        load_embedder, layout = torch_embed if name == "PyTorch fp32" else recognisers.get(name, (None, ""))
+        if load_embedder is None:
+            continue
+        detect, embed = load_detector(), load_embedder()
+        chosen = held_out
+        with log.stage(Stage.VERIFY, f"end to end, {name}: {len(chosen)} held-out raw photos"):
+            rows.append({"photos_set": "held-out", **end_to_end(StageRunners(name, detect, embed, layout), chosen,
+                                                                size, face_size, reference, threshold)})
+        if name == "PyTorch fp32":
+            with log.stage(Stage.VERIFY, f"end to end, {name}: all {len(everything)} raw photos"):
+                rows.append({"photos_set": "all (4 in 5 trained the detector)",
+                             **end_to_end(StageRunners(name, detect, embed, layout), everything, size, face_size,
+                                          reference, threshold)})
+    return {"photos": len(everything), "held_out": len(held_out), "rows": rows}
