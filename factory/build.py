@@ -24,9 +24,9 @@ from factory.deploy import Embedder
 from factory.errors import FactoryError
 from factory.evaluation import EvaluationSet, load_evaluation_set, load_pair_set, torch_embeddings
 from factory.golden import write_golden
-from factory.io import display_path, write_text_atomic
+from factory.io import artifact_bytes, display_path, write_text_atomic
 from factory.latency import all_threads, time_calls
-from factory.metrics import cosine_rows, cosine_summary, flip_rate
+from factory.metrics import check_gates, cosine_rows, cosine_summary, flip_rate
 from factory.models import create_model, model_entry
 from factory.peers import onnx_runtime_call, onnx_workdir, torch_eager_call
 from factory.plots import plot_cosine_histograms, plot_roc
@@ -96,22 +96,12 @@ def evaluate_gates(gate: GateConfig | None, parity: dict[str, float]) -> list[di
     """Each configured gate with its measured value and whether it passed."""
     if gate is None:
         return []
-    checks = [
+    return check_gates([
         ("cosine_mean", gate.cosine_mean_min, ">="),
         ("cosine_min", gate.cosine_min_min, ">="),
         ("lfw_accuracy_drop", gate.lfw_accuracy_drop_max, "<="),
         ("flip_rate", gate.flip_rate_max, "<="),
-    ]
-    results = []
-    for metric, threshold, op in checks:
-        if threshold is None:
-            continue
-        value = parity[metric]
-        passed = value >= threshold if op == ">=" else value <= threshold
-        results.append({"name": f"{metric} {op} {threshold}", "metric": metric, "value": value,
-                        "threshold": threshold, "op": op, "passed": bool(passed),
-                        "margin": value - threshold if op == ">=" else threshold - value})
-    return results
+    ], parity)
 
 
 def _parity(
@@ -210,7 +200,7 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
         target = get_target(artifact.format)
         entry: dict[str, Any] = {
             "file": artifact.path.name, "format": artifact.format, "precision": artifact.precision,
-            "bytes": _size(artifact.path), "sha256": sha256_of(artifact.path),
+            "bytes": artifact_bytes(artifact.path), "sha256": sha256_of(artifact.path),
             "quantization": artifact.quantization, "runtime": target.runtime_name,
             "io": _io(artifact), "details": artifact.details,
             "verified_by": None, "status": None, "parity": None, "gates": [], "latency_ms": None,
@@ -365,10 +355,6 @@ def _artifact_call(target: Target, path: Path, example: np.ndarray) -> Callable[
         return lambda: runner(example)
 
     return make_call
-
-
-def _size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def _io(artifact: CompiledArtifact) -> dict[str, Any]:

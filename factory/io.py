@@ -49,3 +49,8 @@ def display_path(path: Path) -> str:
         return str(path.resolve().relative_to(Path.cwd()))
     except ValueError:
         return str(path)
+
+
+def artifact_bytes(path: Path) -> int:
+    """Size of an artifact: a file, or every file of a directory bundle (.mlpackage)."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size

@@ -94,3 +94,17 @@ def tar_at_far(similarities: np.ndarray, same: np.ndarray, far: float) -> float:
         return float("nan")
     threshold = impostors[allowed] if allowed < len(impostors) else -np.inf
     return float(np.mean(genuine > threshold))
+
+
+def check_gates(checks: list[tuple[str, float | None, str]], values: dict[str, float]) -> list[dict[str, object]]:
+    """Each (metric, threshold, ">=" or "<=") whose threshold is set, with the measured value and whether it passed."""
+    results = []
+    for metric, threshold, op in checks:
+        if threshold is None:
+            continue
+        value = values[metric]
+        passed = value >= threshold if op == ">=" else value <= threshold
+        results.append({"name": f"{metric} {op} {threshold}", "metric": metric, "value": value,
+                        "threshold": threshold, "op": op, "passed": bool(passed),
+                        "margin": value - threshold if op == ">=" else threshold - value})
+    return results

@@ -35,7 +35,9 @@ from factory.detection import (
     torch_runner,
 )
 from factory.evaluation import torch_embeddings
+from factory.io import artifact_bytes
 from factory.latency import all_threads, time_calls
+from factory.metrics import check_gates
 from factory.models.lefv_detector import OUTPUT_CHANNELS, STRIDE, LEFVDetector
 from factory.profile import count_macs, count_parameters
 from factory.recipe import DetectorGateConfig, Recipe
@@ -97,19 +99,11 @@ def evaluate_detector_gates(gate: DetectorGateConfig | None, parity: dict[str, f
     """Each configured detector gate with its measured value and whether it passed."""
     if gate is None:
         return []
-    checks = [("agreement", gate.agreement_min, ">="), ("box_iou_mean", gate.box_iou_mean_min, ">="),
-              ("landmark_error_mean", gate.landmark_error_mean_max, "<="),
-              ("map_cosine_mean", gate.map_cosine_mean_min, ">="), ("recall_drop", gate.recall_drop_max, "<=")]
-    results = []
-    for metric, threshold, op in checks:
-        if threshold is None:
-            continue
-        value = parity[metric]
-        passed = value >= threshold if op == ">=" else value <= threshold
-        results.append({"name": f"{metric} {op} {threshold}", "metric": metric, "value": value,
-                        "threshold": threshold, "op": op, "passed": bool(passed),
-                        "margin": value - threshold if op == ">=" else threshold - value})
-    return results
+    return check_gates([
+        ("agreement", gate.agreement_min, ">="), ("box_iou_mean", gate.box_iou_mean_min, ">="),
+        ("landmark_error_mean", gate.landmark_error_mean_max, "<="),
+        ("map_cosine_mean", gate.map_cosine_mean_min, ">="), ("recall_drop", gate.recall_drop_max, "<="),
+    ], parity)
 
 
 def build_detector(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], None],
@@ -154,7 +148,7 @@ def build_detector(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[
             artifact = target.compile(request)
             entry: dict[str, Any] = {
                 "file": artifact.path.name, "format": artifact.format, "precision": precision,
-                "bytes": _size(artifact.path), "sha256": sha256_of(artifact.path),
+                "bytes": artifact_bytes(artifact.path), "sha256": sha256_of(artifact.path),
                 "quantization": artifact.quantization, "runtime": target.runtime_name,
                 "io": {"input": {"name": artifact.input_name, "shape": artifact.input_shape,
                                  "layout": artifact.input_layout},
@@ -217,8 +211,6 @@ def _single(runner: Callable[[np.ndarray], np.ndarray], layout: str) -> Callable
     return runner
 
 
-def _size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
 # ------------------------------------------------------------------------------------------------ end to end
