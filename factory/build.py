@@ -269,7 +269,7 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
     pipeline: dict[str, Any] = {}
     if recipe.pipeline is not None:
         from factory.detection import load_photos
-        from factory.pipeline import build_detector, end_to_end_rows
+        from factory.pipeline import build_detector, build_normaliser, end_to_end_rows
 
         with log.stage(Stage.LOAD, "raw photos and their MTCNN (teacher) faces"):
             photos = load_photos(recipe, log=lambda _line: None)
@@ -280,15 +280,22 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
                 a["io"]["input"]["layout"])
             for a in artifacts if a["status"] == "verified"
         }
+        normalisers, normalised_threshold = None, None
+        if recipe.pipeline.normaliser is not None:
+            pipeline["normaliser"], normalisers = build_normaliser(recipe, out, log, printer, _artifact_call,
+                                                                   evaluation, calibration, reference_model)
+            normalised_threshold = pipeline["normaliser"]["identity"]["threshold_with"]
         pipeline["end_to_end"] = end_to_end_rows(recipe, log, photos, detectors, recognisers, reference_model,
-                                                 ref_verification["threshold"])
+                                                 ref_verification["threshold"], normalisers, normalised_threshold)
         for row in pipeline["end_to_end"]["rows"]:
-            printer(f"  end to end, {row['runtime']} on {row['photos_set']} photos: found {row['found_rate']:.3f}, "
+            label = f"{row['runtime']}{', normalised' if row.get('normalised') else ''}"
+            printer(f"  end to end, {label} on {row['photos_set']} photos: found {row['found_rate']:.3f}, "
                     f"cosine to the reference crop {row['cosine_mean']:.4f}, same person {row['same_person_rate']:.3f}")
 
     verified = [a for a in artifacts if a["status"] == "verified"]
     all_gates = [g for a in verified for row in (a, *a["other_runtimes"]) for g in row["gates"]]
-    all_gates += [g for a in pipeline.get("detector", {}).get("artifacts", []) for g in a["gates"]]
+    all_gates += [g for stage in ("detector", "normaliser") for a in pipeline.get(stage, {}).get("artifacts", [])
+                  for g in a["gates"]]
     verdict = "pass" if verified and all(g["passed"] for g in all_gates) else "fail"
     entry_info = model_entry(recipe.model.architecture)
     report = {

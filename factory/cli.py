@@ -45,7 +45,11 @@ def _recipe_lines(recipes_dir: Path, reports_dir: Path) -> list[str]:
             lines.append(f"  {path.stem:<22} invalid: {str(error).splitlines()[0]}")
             continue
         paper = model_entry(recipe.model.architecture).paper_numbers.get("lfw_accuracy")
-        files = [recipe.weights.path] + ([recipe.pipeline.detector.weights.path] if recipe.pipeline else [])
+        files = [recipe.weights.path]
+        if recipe.pipeline is not None:
+            files.append(recipe.pipeline.detector.weights.path)
+            if recipe.pipeline.normaliser is not None:
+                files.append(recipe.pipeline.normaliser.weights.path)
         weights = "weights ok" if all(recipe.resolve(f).is_file() for f in files) else "NO WEIGHTS"
         report = reports_dir / recipe.name / "report.json"
         if report.is_file():
@@ -55,6 +59,10 @@ def _recipe_lines(recipes_dir: Path, reports_dir: Path) -> list[str]:
             detector = built.get("pipeline", {}).get("detector")
             if detector:
                 measured += f"; detector recall {100 * detector['reference']['recall']:.1f}% of MTCNN's faces"
+            normaliser = built.get("pipeline", {}).get("normaliser")
+            if normaliser:
+                measured += (f"; normaliser: identity cosine {normaliser['identity']['identity_cosine_mean']:.3f}, "
+                             f"LFW {100 * normaliser['identity']['accuracy_with']:.2f}% normalised")
         else:
             measured = "not built"
         paper_text = "—" if paper is None else f"{100 * paper:.2f}%"
@@ -107,6 +115,17 @@ def _train(args: argparse.Namespace) -> int:
         output = Path(args.output) if args.output else recipe.resolve(recipe.pipeline.detector.weights.path)
         summary = train_detector_stage(recipe, output)
         print(f"detector weights written to {output} ({summary['wall_time_s'] / 60:.1f} min on {summary['device']})")
+        return 0
+    if args.stage == "normaliser":
+        from factory.normalisation import train_normaliser_stage
+
+        if recipe.pipeline is None or recipe.pipeline.normaliser is None:
+            raise FactoryError(f"{args.recipe} has no 'pipeline.normaliser' section; only pipeline recipes "
+                               "(e.g. recipes/lefv.yaml) have a normaliser to train")
+        output = Path(args.output) if args.output else recipe.resolve(recipe.pipeline.normaliser.weights.path)
+        summary = train_normaliser_stage(recipe, output)
+        print(f"normaliser weights written to {output} ({summary['wall_time_s'] / 60:.1f} min on "
+              f"{summary['device']})")
         return 0
     output = Path(args.output) if args.output else recipe.resolve(recipe.weights.path)
 
@@ -232,7 +251,7 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", help="weights file (default: weights.path of the recipe)")
     train.add_argument("--threads", type=int, help="CPU threads for training")
     train.add_argument("--data-root", help="use this face folder instead of data.root")
-    train.add_argument("--stage", default="recogniser", choices=("recogniser", "detector"),
+    train.add_argument("--stage", default="recogniser", choices=("recogniser", "detector", "normaliser"),
                        help="which model of a pipeline recipe to train (default: the recogniser, `model`)")
     train.set_defaults(handler=_train)
 

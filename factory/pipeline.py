@@ -1,11 +1,17 @@
-"""Build and verify the stages that run before the recogniser in a pipeline recipe (LEFV's face detector).
+"""Build and verify the stages that run before the recogniser in a pipeline recipe (LEFV's face detector and
+face normaliser).
 
 Each stage is compiled to every target and precision of the recipe, like the recogniser, and each artifact is
 run on the held-out raw photos and compared with the PyTorch stage:
 
   * detector: the artifact's detections against PyTorch's (agreement: share of PyTorch's faces it finds at
     IoU >= 0.5; box IoU of each matched pair; landmark distance over the inter-ocular distance), the raw output
-    map's cosine, and its recall against MTCNN (the teacher) beside PyTorch's.
+    map's cosine, and its recall against MTCNN (the teacher) beside PyTorch's;
+  * normaliser: the artifact's normalised faces against PyTorch's on held-out evaluation faces (pixel error, PSNR,
+    and the cosine between the recogniser's embeddings of the two); PyTorch's normaliser is also scored on the
+    whole evaluation set by how well it keeps identity and what it does to verification accuracy.
+
+The end-to-end run then chains each runtime's artifacts on raw photos: detect, align, (normalise), embed.
 """
 
 from __future__ import annotations
@@ -34,13 +40,16 @@ from factory.detection import (
     to_photo,
     torch_runner,
 )
-from factory.evaluation import torch_embeddings
+from factory.evaluation import EvaluationSet, torch_embeddings
 from factory.io import artifact_bytes
 from factory.latency import all_threads, time_calls
 from factory.metrics import check_gates
 from factory.models.lefv_detector import OUTPUT_CHANNELS, STRIDE, LEFVDetector
+from factory.models.lefv_normaliser import Normaliser
+from factory.models.mobilefacenet import MobileFaceNet
+from factory.normalisation import PIXEL_MEAN, PIXEL_SCALE, DeployedNormaliser, identity_report, normalise_pixels
 from factory.profile import count_macs, count_parameters
-from factory.recipe import DetectorGateConfig, Recipe
+from factory.recipe import DetectorGateConfig, NormaliserGateConfig, Recipe
 from factory.stages import Stage, StageLog
 from factory.targets import CompileRequest, get_target
 from factory.weights import load_weights, sha256_of, training_summary
@@ -131,63 +140,25 @@ def build_detector(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[
     printer(f"  detector reference: recall {reference_score['recall']:.3f} of MTCNN's faces, "
             f"IoU {reference_score['iou_mean']:.3f}")
     cells = size // STRIDE
-    artifacts = []
     runners: dict[str, Callable[[], Callable[[np.ndarray], np.ndarray]]] = {
         "PyTorch fp32": lambda: torch_runner(deployed)}
-    for target_cfg in recipe.targets:
-        target = get_target(target_cfg.format)
-        for precision in target_cfg.precisions:
-            request = CompileRequest(
-                backbone=network, mean=DETECTOR_MEAN, std=DETECTOR_STD, embedding_size=0, precision=precision,
-                calibration=calibration, output=out / f"{recipe.name}_detector_{precision}{target.suffix}",
-                stages=log, graph=DeployedDetector, output_name="detections",
-                output_shape=[1, OUTPUT_CHANNELS, cells, cells],
-                description="Face detector (LEFV stage 1) built by the mobile face-model factory: "
-                            "score, box and 5 landmarks per 16-pixel cell",
-            )
-            artifact = target.compile(request)
-            entry: dict[str, Any] = {
-                "file": artifact.path.name, "format": artifact.format, "precision": precision,
-                "bytes": artifact_bytes(artifact.path), "sha256": sha256_of(artifact.path),
-                "quantization": artifact.quantization, "runtime": target.runtime_name,
-                "io": {"input": {"name": artifact.input_name, "shape": artifact.input_shape,
-                                 "layout": artifact.input_layout},
-                       "output": {"name": artifact.output_name, "shape": artifact.output_shape}},
-                "verified_by": target.runtime_name, "latency_ms": None,
-            }
-            layout_canvases = canvases.transpose(0, 2, 3, 1).copy() if artifact.input_layout == "NHWC" else canvases
-            with log.stage(Stage.VERIFY, f"{artifact.path.name} on {len(held_out)} held-out photos"):
-                runner = target.load_runner(artifact.path, all_threads())
-                outputs = runner(layout_canvases)
-                parity = detection_parity(outputs, reference, scales, held_out)
-                teacher = score_detector(_single(runner, artifact.input_layout), held_out, size).summary()
-                parity["recall_drop"] = reference_score["recall"] - teacher["recall"]
-                runners[f"{artifact.format} {precision}"] = (
-                    lambda target=target, path=artifact.path, layout=artifact.input_layout:
-                    _single(target.load_runner(path, all_threads()), layout))
-            entry.update(status="verified", parity=parity, teacher=teacher,
-                         gates=evaluate_detector_gates(cfg.gates.get(precision), parity))
-            if target.host_latency:
-                with log.stage(Stage.VERIFY, f"{artifact.path.name} latency"):
-                    entry["latency_ms"] = {
-                        f"{threads}_thread" + ("s" if threads > 1 else ""): time_calls(
-                            latency_call(target, artifact.path, layout_canvases[:1])(threads),
-                            recipe.latency.warmup, recipe.latency.runs)
-                        for threads in sorted({1, all_threads()})}
-            for gate in entry["gates"]:
-                if not gate["passed"]:
-                    printer(f"  GATE FAILED {artifact.path.name}: {gate['metric']} = {gate['value']:.6f}, "
-                            f"needs {gate['op']} {gate['threshold']}")
-            artifacts.append(entry)
-    torch_latency = {}
-    for threads in sorted({1, all_threads()}):
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        example = torch.from_numpy(canvases[:1])
-        with torch.inference_mode():
-            torch_latency[f"{threads}_thread" + ("s" if threads > 1 else "")] = time_calls(
-                lambda example=example: deployed(example), recipe.latency.warmup, recipe.latency.runs)
-        torch.set_num_threads(previous)
+
+    def verify(runner: Callable[[np.ndarray], np.ndarray], layout: str, entry: dict[str, Any]) -> None:
+        outputs = runner(canvases.transpose(0, 2, 3, 1).copy() if layout == "NHWC" else canvases)
+        parity = detection_parity(outputs, reference, scales, held_out)
+        teacher = score_detector(_single(runner, layout), held_out, size).summary()
+        parity["recall_drop"] = reference_score["recall"] - teacher["recall"]
+        entry.update(parity=parity, teacher=teacher,
+                     gates=evaluate_detector_gates(cfg.gates.get(entry["precision"]), parity))
+
+    artifacts = compile_stage(
+        recipe, log, printer, latency_call, network, calibration, canvases, verify, runners,
+        StageGraph(stem=f"{recipe.name}_detector", graph=DeployedDetector, mean=DETECTOR_MEAN, std=DETECTOR_STD,
+                   output_name="detections", output_shape=[1, OUTPUT_CHANNELS, cells, cells],
+                   description="Face detector (LEFV stage 1) built by the mobile face-model factory: "
+                               "score, box and 5 landmarks per 16-pixel cell"),
+        out, f"{len(held_out)} held-out photos")
+    torch_latency = pytorch_latency(deployed, canvases[:1], recipe)
     return {
         "architecture": "lefv_detector",
         "weights_sha256": sha256_of(weights_path),
@@ -202,6 +173,167 @@ def build_detector(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[
         "pytorch_latency_ms": torch_latency,
         "artifacts": artifacts,
     }, runners
+
+
+def normaliser_parity(outputs: np.ndarray, reference: np.ndarray, reference_embeddings: np.ndarray,
+                      recogniser: nn.Module) -> dict[str, float]:
+    """How an artifact's normalised faces (NCHW pixels) agree with PyTorch's: pixel differences in 0-255 levels
+    and the cosine between the recogniser's (PyTorch) embeddings of the two."""
+    difference = np.abs(outputs.astype(np.float64) - reference)
+    mse = float((difference**2).mean())
+    embeddings = torch_embeddings(recogniser, np.ascontiguousarray(outputs, dtype=np.float32))
+    cosine = (embeddings * reference_embeddings).sum(1) / (
+        np.linalg.norm(embeddings, axis=1) * np.linalg.norm(reference_embeddings, axis=1) + 1e-12)
+    return {
+        "faces": len(outputs),
+        "pixel_error_mean": float(difference.mean()), "pixel_error_max": float(difference.max()),
+        "psnr_db": float(10.0 * np.log10(255.0**2 / mse)) if mse > 0 else float("inf"),
+        "embedding_cosine_mean": float(cosine.mean()), "embedding_cosine_min": float(cosine.min()),
+    }
+
+
+def evaluate_normaliser_gates(gate: NormaliserGateConfig | None, parity: dict[str, float]) -> list[dict[str, Any]]:
+    """Each configured normaliser gate with its measured value and whether it passed."""
+    if gate is None:
+        return []
+    return check_gates([("embedding_cosine_mean", gate.embedding_cosine_mean_min, ">="),
+                        ("pixel_error_mean", gate.pixel_error_mean_max, "<=")], parity)
+
+
+def build_normaliser(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], None],
+                     latency_call: Callable[[Any, Path, np.ndarray], Callable[[int], Callable[[], object]]],
+                     evaluation: EvaluationSet, calibration: np.ndarray, recogniser: nn.Module,
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Compile the recipe's face normaliser to every target and verify each artifact on held-out faces; score
+    how well PyTorch's normaliser keeps identity on the whole evaluation set (`identity_report`).
+
+    Returns the report section and, by "format precision", a function loading each artifact's runner (NCHW pixels
+    in and out).
+    """
+    cfg = recipe.pipeline.normaliser
+    weights_path = recipe.resolve(cfg.weights.path)
+    with log.stage(Stage.LOAD, "LEFV normaliser weights"):
+        network = load_weights(Normaliser(MobileFaceNet()), weights_path, cfg.weights.sha256)
+    deployed = DeployedNormaliser(network).eval()
+    original = evaluation.pixels("NCHW")
+    faces = original[: cfg.parity_faces]
+    with log.stage(Stage.VERIFY, f"PyTorch fp32 normaliser on {len(original)} evaluation faces"):
+        normalised = normalise_pixels(deployed, original)
+        identity = identity_report(normalised, original, recogniser, evaluation)
+        reference = normalised[: cfg.parity_faces]
+        reference_embeddings = torch_embeddings(recogniser, np.ascontiguousarray(reference))
+    printer(f"  normaliser: identity cosine {identity['identity_cosine_mean']:.4f}; LFW "
+            f"{identity['accuracy_without']:.4f} without, {identity['accuracy_with']:.4f} with normalisation")
+    runners: dict[str, Callable[[], Callable[[np.ndarray], np.ndarray]]] = {
+        "PyTorch fp32": lambda: lambda batch: normalise_pixels(deployed, batch)}
+
+    def verify(runner: Callable[[np.ndarray], np.ndarray], layout: str, entry: dict[str, Any]) -> None:
+        outputs = _single(runner, layout)(faces)
+        parity = normaliser_parity(outputs, reference, reference_embeddings, recogniser)
+        entry.update(parity=parity, gates=evaluate_normaliser_gates(cfg.gates.get(entry["precision"]), parity))
+
+    size = recipe.model.input.size
+    artifacts = compile_stage(
+        recipe, log, printer, latency_call, network, calibration, faces, verify, runners,
+        StageGraph(stem=f"{recipe.name}_normaliser", graph=DeployedNormaliser, mean=[PIXEL_MEAN] * 3,
+                   std=[PIXEL_SCALE] * 3, output_name="normalised", output_shape=[1, 3, size, size],
+                   description="Face normaliser (LEFV stage 2) built by the mobile face-model factory: an aligned "
+                               "face's RGB pixels in, the normalised face's pixels out (NCHW, 0-255)"),
+        out, f"{len(faces)} held-out faces")
+    return {
+        "architecture": "lefv_normaliser",
+        "weights_sha256": sha256_of(weights_path),
+        "training": training_summary(weights_path),
+        # The deployed graph holds the encoder's feature layers (not its embedding head) and the decoder.
+        "params": count_parameters(network) + sum(p.numel() for p in network.encoder.features.parameters()),
+        "decoder_params": count_parameters(network),
+        "macs": count_macs(network, (1, 3, size, size)),
+        "parity_faces": len(faces),
+        "identity": identity,
+        "pytorch_latency_ms": pytorch_latency(deployed, faces[:1], recipe),
+        "artifacts": artifacts,
+    }, runners
+
+
+@dataclass
+class StageGraph:
+    """How a pipeline stage is deployed: artifact file stem, graph around the network, its I/O and description."""
+
+    stem: str
+    graph: Callable[[nn.Module], nn.Module]
+    mean: list[float]
+    std: list[float]
+    output_name: str
+    output_shape: list[int]
+    description: str
+
+
+def compile_stage(recipe: Recipe, log: StageLog, printer: Callable[[str], None],
+                  latency_call: Callable[[Any, Path, np.ndarray], Callable[[int], Callable[[], object]]],
+                  network: nn.Module, calibration: np.ndarray, inputs: np.ndarray,
+                  verify: Callable[[Callable[[np.ndarray], np.ndarray], str, dict[str, Any]], None],
+                  runners: dict[str, Callable[[], Callable[[np.ndarray], np.ndarray]]], stage: StageGraph,
+                  out: Path, what: str) -> list[dict[str, Any]]:
+    """Compile a pipeline stage's `network` to every target and precision of the recipe and verify each artifact.
+
+    `verify(runner, layout, entry)` runs the artifact on the stage's held-out `inputs` (NCHW) and adds `parity`
+    and `gates` (and anything else) to its report entry. Adds, by "format precision", a function loading a
+    runner that takes NCHW input to `runners` (loaded right before use, see the ExecuTorch target's threadpool
+    note). Returns the artifacts' report entries.
+    """
+    artifacts = []
+    for target_cfg in recipe.targets:
+        target = get_target(target_cfg.format)
+        for precision in target_cfg.precisions:
+            request = CompileRequest(
+                backbone=network, mean=stage.mean, std=stage.std, embedding_size=0, precision=precision,
+                calibration=calibration, output=out / f"{stage.stem}_{precision}{target.suffix}", stages=log,
+                graph=stage.graph, output_name=stage.output_name, output_shape=stage.output_shape,
+                description=stage.description,
+            )
+            artifact = target.compile(request)
+            entry: dict[str, Any] = {
+                "file": artifact.path.name, "format": artifact.format, "precision": precision,
+                "bytes": artifact_bytes(artifact.path), "sha256": sha256_of(artifact.path),
+                "quantization": artifact.quantization, "runtime": target.runtime_name,
+                "io": {"input": {"name": artifact.input_name, "shape": artifact.input_shape,
+                                 "layout": artifact.input_layout},
+                       "output": {"name": artifact.output_name, "shape": artifact.output_shape}},
+                "verified_by": target.runtime_name, "status": "verified", "latency_ms": None,
+            }
+            layout_inputs = inputs.transpose(0, 2, 3, 1).copy() if artifact.input_layout == "NHWC" else inputs
+            with log.stage(Stage.VERIFY, f"{artifact.path.name} on {what}"):
+                verify(target.load_runner(artifact.path, all_threads()), artifact.input_layout, entry)
+                runners[f"{artifact.format} {precision}"] = (
+                    lambda target=target, path=artifact.path, layout=artifact.input_layout:
+                    _single(target.load_runner(path, all_threads()), layout))
+            if target.host_latency:
+                with log.stage(Stage.VERIFY, f"{artifact.path.name} latency"):
+                    entry["latency_ms"] = {
+                        f"{threads}_thread" + ("s" if threads > 1 else ""): time_calls(
+                            latency_call(target, artifact.path, layout_inputs[:1])(threads),
+                            recipe.latency.warmup, recipe.latency.runs)
+                        for threads in sorted({1, all_threads()})}
+            for gate in entry["gates"]:
+                if not gate["passed"]:
+                    printer(f"  GATE FAILED {artifact.path.name}: {gate['metric']} = {gate['value']:.6f}, "
+                            f"needs {gate['op']} {gate['threshold']}")
+            artifacts.append(entry)
+    return artifacts
+
+
+def pytorch_latency(deployed: nn.Module, example: np.ndarray, recipe: Recipe) -> dict[str, dict[str, float]]:
+    """Host latency of a stage's PyTorch eager graph on one input, at 1 and all threads."""
+    rows = {}
+    for threads in sorted({1, all_threads()}):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        tensor = torch.from_numpy(np.ascontiguousarray(example))
+        with torch.inference_mode():
+            rows[f"{threads}_thread" + ("s" if threads > 1 else "")] = time_calls(
+                lambda tensor=tensor: deployed(tensor), recipe.latency.warmup, recipe.latency.runs)
+        torch.set_num_threads(previous)
+    return rows
 
 
 def _single(runner: Callable[[np.ndarray], np.ndarray], layout: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -224,6 +356,7 @@ class StageRunners:
     detect: Callable[[np.ndarray], np.ndarray]
     embed: Callable[[np.ndarray], np.ndarray]
     embed_layout: str = "NCHW"
+    normalise: Callable[[np.ndarray], np.ndarray] | None = None  # NCHW pixels in and out; None: no normaliser
 
 
 def largest_face(faces: list[Face]) -> Face | None:
@@ -236,7 +369,8 @@ def end_to_end(runners: StageRunners, photos: list[Photo], size: int, face_size:
     """Raw photo in, embedding out: detect, take the largest face, align it by its 5 predicted landmarks onto the
     ArcFace template, embed; compared with the PyTorch recogniser's embedding of the shared data's own aligned crop
     of that face (MTCNN landmarks). `threshold` is the recogniser's verification threshold on LFW: a cosine above it
-    means the pipeline's face would verify as the same person as the reference crop."""
+    means the pipeline's face would verify as the same person as the reference crop. With a normaliser the aligned
+    face is normalised before it is embedded (and `reference` should hold normalised crops' embeddings)."""
     cosines, missed, timings = [], [], []
     for photo in photos:
         if photo.aligned_reference is None:
@@ -249,8 +383,10 @@ def end_to_end(runners: StageRunners, photos: list[Photo], size: int, face_size:
         if face is None:
             missed.append(photo.path.name)
             continue
-        crop = align_face(photo.pixels, face.landmarks, face_size).astype(np.float32)[None]
-        crop = crop if runners.embed_layout == "NHWC" else crop.transpose(0, 3, 1, 2)
+        crop = align_face(photo.pixels, face.landmarks, face_size).astype(np.float32)[None].transpose(0, 3, 1, 2)
+        if runners.normalise is not None:
+            crop = runners.normalise(np.ascontiguousarray(crop))
+        crop = crop.transpose(0, 2, 3, 1) if runners.embed_layout == "NHWC" else crop
         embedding = runners.embed(np.ascontiguousarray(crop))[0]
         timings.append((time.perf_counter() - started) * 1000.0)
         cosines.append(float(embedding @ reference[photo.aligned_reference]))
@@ -271,30 +407,43 @@ def end_to_end(runners: StageRunners, photos: list[Photo], size: int, face_size:
 def end_to_end_rows(recipe: Recipe, log: StageLog, photos: tuple[list[Photo], list[Photo]],
                     detectors: dict[str, Callable[[], Callable[[np.ndarray], np.ndarray]]],
                     recognisers: dict[str, tuple[Callable[[], Callable[[np.ndarray], np.ndarray]], str]],
-                    reference_model: nn.Module, threshold: float) -> dict[str, Any]:
+                    reference_model: nn.Module, threshold: float,
+                    normalisers: dict[str, Callable[[], Callable[[np.ndarray], np.ndarray]]] | None = None,
+                    normalised_threshold: float | None = None) -> dict[str, Any]:
     """`end_to_end` for PyTorch on every raw photo, and for each format and precision (its detector artifact with
-    its recogniser artifact) on the detector's held-out photos."""
+    its recogniser artifact) on the detector's held-out photos; each without and, where the recipe has one, with
+    the normaliser artifact of that format and precision between alignment and embedding (then compared with the
+    PyTorch recogniser's embedding of the PyTorch-normalised reference crop, at the recogniser's LFW threshold on
+    normalised faces)."""
     train_photos, held_out = photos
     everything = sorted(train_photos + held_out, key=lambda p: str(p.path))
     size, face_size = recipe.pipeline.detector.input_size, recipe.model.input.size
     crops = [p.aligned_reference for p in everything if p.aligned_reference is not None]
+    normalisers = normalisers or {}
     with log.stage(Stage.VERIFY, f"end to end: PyTorch reference embeddings of {len(crops)} aligned crops"):
         pixels = np.ascontiguousarray(load_images(crops, face_size).transpose(0, 3, 1, 2), dtype=np.float32)
-        reference = dict(zip(crops, torch_embeddings(reference_model, pixels), strict=True))
+        references = {False: (dict(zip(crops, torch_embeddings(reference_model, pixels), strict=True)), threshold)}
+        if "PyTorch fp32" in normalisers:
+            normalised = normalisers["PyTorch fp32"]()(pixels)
+            references[True] = (dict(zip(crops, torch_embeddings(reference_model, normalised), strict=True)),
+                                normalised_threshold)
     rows = []
     torch_embed = (lambda: lambda batch: torch_embeddings(reference_model, batch), "NCHW")
     for name, load_detector in detectors.items():
         load_embedder, layout = torch_embed if name == "PyTorch fp32" else recognisers.get(name, (None, ""))
         if load_embedder is None:
             continue
-        detect, embed = load_detector(), load_embedder()
-        chosen = held_out
-        with log.stage(Stage.VERIFY, f"end to end, {name}: {len(chosen)} held-out raw photos"):
-            rows.append({"photos_set": "held-out", **end_to_end(StageRunners(name, detect, embed, layout), chosen,
-                                                                size, face_size, reference, threshold)})
-        if name == "PyTorch fp32":
-            with log.stage(Stage.VERIFY, f"end to end, {name}: all {len(everything)} raw photos"):
-                rows.append({"photos_set": "all (4 in 5 trained the detector)",
-                             **end_to_end(StageRunners(name, detect, embed, layout), everything, size, face_size,
-                                          reference, threshold)})
+        for with_normaliser in (False, True) if name in normalisers and True in references else (False,):
+            detect, embed = load_detector(), load_embedder()
+            normalise = normalisers[name]() if with_normaliser else None
+            reference, row_threshold = references[with_normaliser]
+            runners = StageRunners(name, detect, embed, layout, normalise)
+            label = f"{name}{', normalised' if with_normaliser else ''}"
+            sets = [("held-out", held_out)]
+            if name == "PyTorch fp32":
+                sets.append(("all (4 in 5 trained the detector)", everything))
+            for set_name, chosen in sets:
+                with log.stage(Stage.VERIFY, f"end to end, {label}: {len(chosen)} {set_name} raw photos"):
+                    rows.append({"photos_set": set_name, "normalised": with_normaliser,
+                                 **end_to_end(runners, chosen, size, face_size, reference, row_threshold)})
     return {"photos": len(everything), "held_out": len(held_out), "rows": rows}

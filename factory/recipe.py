@@ -239,10 +239,66 @@ class DetectorConfig:
 
 
 @dataclass
+class NormaliserTrainConfig:
+    """The face normaliser's GAN schedule (Adam, both networks) and loss weights (see `factory.normalisation`).
+
+    `frontal_fraction`: the most frontal share of the training faces (by the landmarks' yaw) is what the
+    discriminator learns as real, normalised faces.
+    """
+
+    steps: int = 800
+    batch_size: int = 32
+    learning_rate: float = 0.0002
+    adversarial_weight: float = 0.05
+    identity_weight: float = 1.0
+    pixel_weight: float = 1.0
+    symmetry_weight: float = 0.3
+    frontal_fraction: float = 0.3
+    seed: int = 0
+
+
+@dataclass
+class NormaliserGateConfig:
+    """Parity gates of one precision of a normaliser against its PyTorch fp32 output (None = not gated).
+
+    embedding_cosine_mean: cosine between the recogniser's (PyTorch) embeddings of the artifact's output and of
+    PyTorch's output; pixel_error_mean: mean absolute difference of the output pixels, in 0-255 levels.
+    """
+
+    embedding_cosine_mean_min: float | None = None
+    pixel_error_mean_max: float | None = None
+
+
+def _default_normaliser_gates() -> dict[str, NormaliserGateConfig]:
+    return {
+        "fp32": NormaliserGateConfig(embedding_cosine_mean_min=0.9999, pixel_error_mean_max=0.1),
+        "fp16": NormaliserGateConfig(embedding_cosine_mean_min=0.999, pixel_error_mean_max=1.0),
+        "w8": NormaliserGateConfig(embedding_cosine_mean_min=0.99, pixel_error_mean_max=3.0),
+        "int8": NormaliserGateConfig(embedding_cosine_mean_min=0.98, pixel_error_mean_max=4.0),
+    }
+
+
+@dataclass
+class NormaliserConfig:
+    """A pipeline's face normaliser (an encoder-decoder GAN generator, see `factory.normalisation`).
+
+    `encoder` is the trained MobileFaceNet whose frozen layers encode the face (and whose embedding the identity
+    loss compares); `parity_faces` held-out evaluation faces check each artifact against PyTorch.
+    """
+
+    weights: WeightsConfig
+    encoder: WeightsConfig
+    parity_faces: int = 500
+    train: NormaliserTrainConfig = field(default_factory=NormaliserTrainConfig)
+    gates: dict[Precision, NormaliserGateConfig] = field(default_factory=_default_normaliser_gates)
+
+
+@dataclass
 class PipelineConfig:
     """Stages that run before the recogniser (the recipe's `model`) on raw photos."""
 
     detector: DetectorConfig
+    normaliser: NormaliserConfig | None = None
 
 
 @dataclass
@@ -455,6 +511,23 @@ def _check_rules(recipe: Recipe, problems: list[str]) -> None:
         photos = recipe.resolve(str(Path(recipe.data.root) / detector.photos))
         if not photos.is_file():
             problems.append(f"pipeline.detector.photos: file not found: {photos}")
+        normaliser = recipe.pipeline.normaliser
+        if normaliser is not None:
+            train = normaliser.train
+            for name in ("steps", "batch_size", "learning_rate", "parity_faces"):
+                if getattr(train if name != "parity_faces" else normaliser, name) <= 0:
+                    problems.append(f"pipeline.normaliser.{'' if name == 'parity_faces' else 'train.'}{name}: "
+                                    "must be positive")
+            if not 0.0 < train.frontal_fraction <= 1.0:
+                problems.append(f"pipeline.normaliser.train.frontal_fraction: a fraction in (0, 1], "
+                                f"got {train.frontal_fraction}")
+            for name in ("adversarial_weight", "identity_weight", "pixel_weight", "symmetry_weight"):
+                if getattr(train, name) < 0:
+                    problems.append(f"pipeline.normaliser.train.{name}: must be 0 or more")
+            encoder = recipe.resolve(normaliser.encoder.path)
+            if not encoder.is_file():
+                problems.append(f"pipeline.normaliser.encoder.path: file not found: {encoder} (the trained "
+                                "MobileFaceNet: `python -m factory train recipes/mobilefacenet.yaml`)")
     weights = recipe.resolve(recipe.weights.path)
     if not weights.is_file() and recipe.train is None:
         problems.append(f"weights.path: file not found: {weights}, and there is no 'train' section to make it")

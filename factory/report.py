@@ -96,7 +96,7 @@ def render_markdown(report: dict[str, Any], figures: dict[str, str] | None = Non
                  f"{_pct(subset['reference_accuracy'])})")
         for row in (a, *a["other_runtimes"]):  # other runtimes: e.g. Core ML's GPU and Neural Engine on macOS
             p = row["parity"]
-            gates = ", ".join(("pass" if g["passed"] else "**FAIL**") + f" {g['name']}" for g in row["gates"]) or "none"
+            gates = _gates_cell(row["gates"])
             lines.append(
                 f"| `{a['file']}` | {size} | {row['verified_by']}{scope} | {_fmt(p['cosine_mean'], 5)} / "
                 f"{_fmt(p['cosine_min'], 5)} / {_fmt(p['cosine_p1'], 5)} | {_pct(p['lfw_accuracy'])} | "
@@ -128,6 +128,7 @@ def render_markdown(report: dict[str, Any], figures: dict[str, str] | None = Non
     for name, rows in report["peers"].items():
         lines.append(f"| {name.replace('_', ' ')} | " + " | ".join(_latency_cell(rows, k) for k in thread_keys) + " |")
     lines += _detector_lines(report.get("pipeline", {}).get("detector"))
+    lines += _normaliser_lines(report.get("pipeline", {}).get("normaliser"))
     lines += _end_to_end_lines(report.get("pipeline", {}).get("end_to_end"))
     lines += ["", "## Build stages", "", "| stage | subject | seconds |", "|---|---|---|"]
     lines += [f"| {r['stage']} | {r['subject']} | {r['seconds']} |" for r in report["stages"]]
@@ -184,6 +185,15 @@ def _coreml_app_lines(artifacts: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _gates_cell(gates: list[dict[str, Any]]) -> str:
+    return ", ".join(("pass" if g["passed"] else "**FAIL**") + f" {g['name']}" for g in gates) or "none"
+
+
+def _stage_latency_cell(artifact: dict[str, Any]) -> str:
+    """A pipeline stage artifact's 1-thread host latency, or "emulated" where it is not timed on this host."""
+    return _latency_cell(artifact["latency_ms"], "1_thread") if artifact["latency_ms"] else "emulated"
+
+
 def _detector_lines(detector: dict[str, Any] | None) -> list[str]:
     """The pipeline's face detector: how it was taught, its recall against MTCNN, each artifact's parity."""
     if not detector:
@@ -217,8 +227,7 @@ def _detector_lines(detector: dict[str, Any] | None) -> list[str]:
     ]
     for a in detector["artifacts"]:
         p, t = a["parity"], a["teacher"]
-        gates = ", ".join(("pass" if g["passed"] else "**FAIL**") + f" {g['name']}" for g in a["gates"]) or "none"
-        latency = _latency_cell(a["latency_ms"], "1_thread") if a["latency_ms"] else "emulated"
+        gates, latency = _gates_cell(a["gates"]), _stage_latency_cell(a)
         lines.append(
             f"| `{a['file']}` | {a['bytes'] / 1e6:.2f} MB | {a['verified_by']} | {_pct(t['recall'])} | "
             f"{_pct(p['agreement'])} of {p['reference_detections']} (+{p['extra_detections']}) | "
@@ -227,6 +236,54 @@ def _detector_lines(detector: dict[str, Any] | None) -> list[str]:
         )
     lines.append(f"| PyTorch eager fp32 | — | — | {_pct(ref['recall'])} | — | — | — | — | "
                  f"{_latency_cell(detector['pytorch_latency_ms'], '1_thread')} | — |")
+    return lines
+
+
+def _normaliser_lines(normaliser: dict[str, Any] | None) -> list[str]:
+    """The pipeline's face normaliser: how it was trained, how well it keeps identity, each artifact's parity."""
+    if not normaliser:
+        return []
+    ident, training = normaliser["identity"], normaliser.get("training") or {}
+    lines = [
+        "", "## Stage 2: face normaliser", "",
+        f"- `{normaliser['architecture']}`: {normaliser['params'] / 1e6:.3f} M parameters in the deployed graph "
+        f"(frozen MobileFaceNet encoder layers + a {normaliser['decoder_params'] / 1e6:.3f} M decoder), "
+        f"{normaliser['macs'] / 1e6:.1f} M multiply-adds. Input and output: an aligned face's float32 RGB pixels in "
+        "[0, 255], NCHW.",
+        f"- Weights sha256 `{normaliser['weights_sha256']}`.",
+    ]
+    if training:
+        cfg, faces = training.get("train_config", {}), training.get("faces", {})
+        lines.append(
+            f"- Trained here as a GAN (adversarial x{cfg.get('adversarial_weight')}, identity x"
+            f"{cfg.get('identity_weight')}, pixel x{cfg.get('pixel_weight')}, symmetry x{cfg.get('symmetry_weight')}; "
+            f"`factory.normalisation`): {cfg.get('steps')} steps of {cfg.get('batch_size')} on {faces.get('train')} "
+            f"aligned training faces, the {faces.get('frontal_real')} most frontal (|yaw| <= "
+            f"{_fmt(faces.get('frontal_max_abs_yaw'), 3)}) as the discriminator's real faces; "
+            f"{training.get('wall_time_s', 0) / 60:.0f} min on {training.get('device')}.")
+    lines += [
+        f"- On the {ident['faces']} held-out evaluation faces, scored by this recipe's recogniser (PyTorch; the "
+        f"identity loss used MobileFaceNet): embedding cosine between each face and its normalised version mean "
+        f"**{_fmt(ident['identity_cosine_mean'], 4)}** (median {_fmt(ident['identity_cosine_median'], 4)}, p10 "
+        f"{_fmt(ident['identity_cosine_p10'], 4)}); LFW accuracy **{_pct(ident['accuracy_with'])}** with both faces "
+        f"of each pair normalised, {_pct(ident['accuracy_without'])} without; mirror asymmetry "
+        f"{_fmt(ident['symmetry_error_before'], 1)} -> {_fmt(ident['symmetry_error_after'], 1)} grey levels.",
+        "",
+        f"Parity on {normaliser['parity_faces']} held-out faces: each artifact's output against PyTorch's.",
+        "",
+        "| artifact | size | verified by | pixel error mean / max | PSNR | embedding cosine mean / min "
+        "| 1-thread latency | gates |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for a in normaliser["artifacts"]:
+        p = a["parity"]
+        gates, latency = _gates_cell(a["gates"]), _stage_latency_cell(a)
+        lines.append(
+            f"| `{a['file']}` | {a['bytes'] / 1e6:.2f} MB | {a['verified_by']} | {_fmt(p['pixel_error_mean'], 3)} / "
+            f"{_fmt(p['pixel_error_max'], 1)} | {_fmt(p['psnr_db'], 1)} dB | {_fmt(p['embedding_cosine_mean'], 5)} / "
+            f"{_fmt(p['embedding_cosine_min'], 5)} | {latency} | {gates} |")
+    lines.append(f"| PyTorch eager fp32 | — | — | — | — | — | "
+                 f"{_latency_cell(normaliser['pytorch_latency_ms'], '1_thread')} | — |")
     return lines
 
 
@@ -240,14 +297,17 @@ def _end_to_end_lines(section: dict[str, Any] | None) -> list[str]:
         "template, embed. Compared with the PyTorch recogniser's embedding of the shared data's own aligned crop of "
         "that face (aligned by MTCNN's landmarks): the cosine, and the share of photos whose pipeline embedding "
         "verifies as the same person at the recogniser's LFW threshold. Each runtime runs its own detector and "
-        "recogniser artifacts of that precision; host time covers decoding, alignment and both models.",
+        "recogniser artifacts of that precision; host time covers decoding, alignment and the models. Rows marked "
+        "normalised run that runtime's normaliser artifact between alignment and embedding and are compared with "
+        "the PyTorch-normalised reference crop, at the recogniser's LFW threshold on normalised faces.",
         "",
-        "| runtime | photos | face found | cosine mean / median / p10 | same person | host ms per photo |",
-        "|---|---|---|---|---|---|",
+        "| runtime | normaliser | photos | face found | cosine mean / median / p10 | same person | host ms per photo |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in section["rows"]:
         ms = f"{row['host_ms_per_photo_median']:.1f}" if row["host_ms_per_photo_median"] is not None else "—"
-        lines.append(f"| {row['runtime']} | {row['photos']} ({row['photos_set']}) | {_pct(row['found_rate'])} | "
+        lines.append(f"| {row['runtime']} | {'yes' if row.get('normalised') else '—'} | {row['photos']} "
+                     f"({row['photos_set']}) | {_pct(row['found_rate'])} | "
                      f"{_fmt(row['cosine_mean'], 4)} / {_fmt(row['cosine_median'], 4)} / {_fmt(row['cosine_p10'], 4)} "
                      f"| {_pct(row['same_person_rate'])} | {ms} |")
     return lines

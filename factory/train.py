@@ -55,6 +55,43 @@ class ArcFaceHead(nn.Module):
         one_hot = F.one_hot(labels, cosine.shape[1]).to(cosine.dtype)
         return self.scale * (one_hot * with_margin + (1.0 - one_hot) * cosine)
 
+    def scores(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Per-class scores without the margin (cosines), for classifying."""
+        return F.linear(F.normalize(embeddings), F.normalize(self.weight))
+
+
+# A trained embedding whose faces' mean pairwise cosine exceeds this has collapsed into a narrow cone:
+# verification then fails (the failed SeesawFaceNet run: 0.76, LFW 56%), whatever the training loss says.
+COLLAPSED_COSINE = 0.5
+MONITOR_IMAGES = 512
+
+
+def _monitor(model: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """How the model does on a fixed sample of its training faces, unaugmented, in eval mode.
+
+    `embedding_cosine_mean`: mean cosine between different faces' embeddings (near 0 when they spread out,
+    near 1 when collapsed). `train_top1`: share of faces the classifier head assigns to their identity
+    (classifier losses only).
+    """
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        embeddings = torch.cat([model(x[i : i + 128]) for i in range(0, len(x), 128)])
+    model.train(was_training)
+    unit = F.normalize(embeddings)
+    count = len(unit)
+    cosine_mean = ((unit @ unit.T).sum() - count) / (count * (count - 1))
+    result = {"embedding_cosine_mean": round(float(cosine_mean), 4)}
+    if isinstance(head, ArcFaceHead):
+        scores = head.scores(embeddings)
+    elif isinstance(head, SoftmaxHead):
+        with torch.no_grad():
+            scores = head(embeddings, y)
+    else:
+        return result
+    result["train_top1"] = round(float((scores.argmax(1) == y).float().mean()), 4)
+    return result
+
 
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -195,6 +232,11 @@ def train(
     else:
         steps_per_epoch = len(items) // cfg.batch_size
     total_steps = steps_per_epoch * cfg.epochs
+    sample = np.random.default_rng(cfg.seed).permutation(len(items))[:MONITOR_IMAGES]
+    monitor_x = torch.from_numpy(
+        to_input_tensor(images[sample], spec.mean, spec.std, "NCHW", spec.color_order)
+    ).to(device, memory_format=memory_format)
+    monitor_y = torch.from_numpy(labels[sample]).to(device)
     checkpoint = output.parent / f"{output.stem}.ckpt" / "last.safetensors"
     start_epoch, history = 0, []
     if checkpoint.is_file():
@@ -239,6 +281,9 @@ def train(
             progress.set_postfix(loss=f"{running / seen:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}")
         elapsed = time.perf_counter() - started
         history.append({"epoch": epoch + 1, "loss": running / seen, "elapsed_s": round(elapsed, 1)})
+        monitor_started = time.perf_counter()
+        history[-1]["monitor"] = _monitor(model, head, monitor_x, monitor_y)
+        started += time.perf_counter() - monitor_started  # elapsed_s counts training only
         if evaluate is not None and evaluate_every_epoch:
             scoring_started = time.perf_counter()
             history[-1]["evaluation"] = evaluate(copy.deepcopy(model).cpu().eval())
@@ -246,7 +291,8 @@ def train(
             log(f"epoch {epoch + 1} evaluation: {history[-1]['evaluation']}")
         _save_checkpoint(checkpoint, model, head, optimizer,
                          {"epoch": epoch + 1, "history": history, "train_config": asdict(cfg)})
-        log(f"epoch {epoch + 1}/{cfg.epochs}: loss {running / seen:.4f} ({elapsed / 60:.1f} min)")
+        watch = ", ".join(f"{key} {value}" for key, value in history[-1]["monitor"].items())
+        log(f"epoch {epoch + 1}/{cfg.epochs}: loss {running / seen:.4f} ({elapsed / 60:.1f} min); {watch}")
 
     model.eval()
     summary = {
@@ -259,6 +305,14 @@ def train(
         "history": history,
         "wall_time_s": history[-1]["elapsed_s"] if history else 0.0,
     }
+    final = _monitor(model, head, monitor_x, monitor_y)
+    summary["monitor"] = final
+    if final["embedding_cosine_mean"] > COLLAPSED_COSINE:
+        summary["collapsed"] = True
+        log(f"WARNING: the embeddings collapsed: different training faces have mean cosine "
+            f"{final['embedding_cosine_mean']} (> {COLLAPSED_COSINE}), so they cannot tell people apart. "
+            f"Check the architecture for saturating units (a hard-sigmoid gate did this to SeesawFaceNet) or lower "
+            f"train.learning_rate, and train again")
     if evaluate is not None:
         summary["evaluation"] = evaluate(model.cpu())
         log(f"evaluation: {summary['evaluation']}")

@@ -122,3 +122,19 @@ def draw_photo(rng: np.random.Generator, height: int = 240, width: int = 320) ->
                  (120, 30, 30), max(int(side / 20), 1))
         faces.append(face)
     return Photo(Path(f"synthetic_{rng.integers(1 << 30)}.jpg"), pixels, faces, faces[0])
+
+
+def ideal_maps(photos: list[Photo], batch: np.ndarray, size: int) -> np.ndarray:
+    """Detector maps of each photo's largest drawn face, found by matching the canvas to the photo."""
+    from factory.detection import encode, letterbox
+    from factory.pipeline import largest_face
+
+    out = []
+    for canvas in batch:
+        photo = next(p for p in photos if np.array_equal(letterbox(p.pixels, size)[0].transpose(2, 0, 1), canvas))
+        _, scale = letterbox(photo.pixels, size)
+        face = largest_face(photo.faces)
+        scaled = Face(face.box * scale, face.landmarks * scale)
+        heatmap, regression, _, _ = encode([scaled], size)
+        out.append(np.concatenate([np.where(heatmap >= 0.999, 1.0, 0.0)[None], regression]).astype(np.float32))
+    return np.stack(out)

@@ -120,6 +120,42 @@ def test_conv_pad_types(case: str, tmp_path: Path) -> None:
     np.testing.assert_allclose(run(interpreter, x), expected, rtol=1e-4, atol=2e-5)
 
 
+CONV_TRANSPOSES = {
+    "2x2 stride 2 (the normaliser's up-sampling)": (nn.ConvTranspose2d(8, 6, 2, stride=2), (1, 8, 7, 7)),
+    "3x3 stride 2 pad 1, output padding 1": (nn.ConvTranspose2d(4, 5, 3, stride=2, padding=1, output_padding=1),
+                                             (1, 4, 6, 5)),
+    "grouped 2, stride (2, 1), no bias": (nn.ConvTranspose2d(4, 6, (3, 2), stride=(2, 1), groups=2, bias=False),
+                                          (1, 4, 5, 6)),
+    "dilation 2": (nn.ConvTranspose2d(3, 4, 3, dilation=2), (1, 3, 6, 6)),
+}
+
+
+@pytest.mark.parametrize("case", list(CONV_TRANSPOSES))
+def test_conv_transpose_matches_torch(case: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module, shape = CONV_TRANSPOSES[case]
+    check_module(module, shape, tmp_path, "conv_transpose")
+
+
+def test_conv_transpose_same_and_custom_pads_follow_the_mil_spec(tmp_path: Path) -> None:
+    from coremltools.converters.mil import Builder as mb
+
+    weight = random_input((2, 3, 4, 4), seed=1)  # [C_in, C_out, kH, kW]
+    x = random_input((BATCH, 2, 5, 5))
+    full = torch.nn.functional.conv_transpose2d(torch.from_numpy(x), torch.from_numpy(weight), stride=2).numpy()
+    assert full.shape[2:] == (12, 12)
+    # same: out = in x stride = 10, the 2 extra rows/columns cropped one before, one after
+    same = convert_mil(lambda v: mb.conv_transpose(x=v, weight=weight, strides=[2, 2], pad_type="same"),
+                       (1, 2, 5, 5), tmp_path / "same")
+    np.testing.assert_allclose(run(CoreMLInterpreter.from_package(same), x), full[:, :, 1:11, 1:11],
+                               rtol=1e-4, atol=2e-5)
+    # custom (top 0, bottom 3, left 2, right 1)
+    custom = convert_mil(lambda v: mb.conv_transpose(x=v, weight=weight, strides=[2, 2], pad_type="custom",
+                                                     pad=[0, 3, 2, 1]), (1, 2, 5, 5), tmp_path / "custom")
+    np.testing.assert_allclose(run(CoreMLInterpreter.from_package(custom), x), full[:, :, 0:9, 2:11],
+                               rtol=1e-4, atol=2e-5)
+
+
 # ------------------------------------------------------------------------------------------------ pools
 
 

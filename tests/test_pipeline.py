@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import draw_photo, recipe_dict, synthetic_dataset
+from helpers import draw_photo, ideal_maps, recipe_dict, synthetic_dataset
 
 from factory.build import _artifact_call
-from factory.detection import Face, encode, letterbox, train_detector
-from factory.pipeline import StageRunners, detection_parity, end_to_end, largest_face
+from factory.detection import train_detector
+from factory.pipeline import StageRunners, detection_parity, end_to_end
 from factory.recipe import DetectorTrainConfig, load_recipe
 from factory.report import _detector_lines, _end_to_end_lines
 from factory.stages import StageLog
@@ -100,7 +100,7 @@ def test_end_to_end_aligns_the_largest_face_and_compares_with_the_reference_crop
     for index, photo in enumerate(photos):
         photo.aligned_reference = tmp_path / f"{index}.jpg"
     reference = {p.aligned_reference: np.eye(8, dtype=np.float32)[0] for p in photos}
-    perfect = StageRunners("ideal", detect=lambda batch: _ideal_maps(photos, batch),
+    perfect = StageRunners("ideal", detect=lambda batch: ideal_maps(photos, batch, E2E_SIZE),
                            embed=lambda crops: np.tile(np.eye(8, dtype=np.float32)[0], (len(crops), 1)))
     row = end_to_end(perfect, photos, E2E_SIZE, 112, reference, threshold=0.5)
     assert row["found_rate"] == 1.0 and row["cosine_mean"] == pytest.approx(1.0) and row["same_person_rate"] == 1.0
@@ -110,17 +110,4 @@ def test_end_to_end_aligns_the_largest_face_and_compares_with_the_reference_crop
     assert blind_row["found_rate"] == 0.0 and blind_row["same_person_rate"] == 0.0 and len(blind_row["missed"]) == 4
     card = "\n".join(_end_to_end_lines({"rows": [{"photos_set": "held-out", **row},
                                                   {"photos_set": "held-out", **blind_row}]}))
-    assert "| ideal | 4 (held-out) | 100.00% |" in card and "| blind | 4 (held-out) | 0.00% |" in card
-
-
-def _ideal_maps(photos, batch: np.ndarray) -> np.ndarray:
-    """Detector maps of each photo's largest drawn face, found by matching the canvas to the photo."""
-    out = []
-    for canvas in batch:
-        photo = next(p for p in photos if np.array_equal(letterbox(p.pixels, E2E_SIZE)[0].transpose(2, 0, 1), canvas))
-        _, scale = letterbox(photo.pixels, E2E_SIZE)
-        face = largest_face(photo.faces)
-        scaled = Face(face.box * scale, face.landmarks * scale)
-        heatmap, regression, _, _ = encode([scaled], E2E_SIZE)
-        out.append(np.concatenate([np.where(heatmap >= 0.999, 1.0, 0.0)[None], regression]).astype(np.float32))
-    return np.stack(out)
+    assert "| ideal | — | 4 (held-out) | 100.00% |" in card and "| blind | — | 4 (held-out) | 0.00% |" in card

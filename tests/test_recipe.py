@@ -101,10 +101,31 @@ def test_pipeline_detector_settings_are_checked(tmp_path: Path, data_root: Path)
     assert "pipeline.detector.photos: file not found" in joined and "no_such.csv" in joined
 
 
-def test_training_a_detector_needs_a_pipeline_recipe(tmp_path: Path, data_root: Path) -> None:
+def test_pipeline_normaliser_settings_are_checked(tmp_path: Path, data_root: Path) -> None:
+    data = recipe_dict(data_root)
+    (data_root / "photos.csv").write_text("raw_image,aligned_reference,landmarks_xy_source_pixels\n")
+    data["pipeline"] = {"detector": {"weights": {"path": "d.safetensors"}, "photos": "photos.csv"},
+                        "normaliser": {"weights": {"path": "n.safetensors"}, "encoder": {"path": "no_encoder.st"},
+                                       "parity_faces": 0,
+                                       "train": {"steps": 0, "frontal_fraction": 1.5, "pixel_weight": -1,
+                                                 "gan_weight": 1}}}
+    joined = "\n".join(problems_of(write(tmp_path, data)))
+    assert "pipeline.normaliser.train.gan_weight: unknown key" in joined
+    data["pipeline"]["normaliser"]["train"].pop("gan_weight")
+    joined = "\n".join(problems_of(write(tmp_path, data)))
+    assert "pipeline.normaliser.train.steps: must be positive" in joined
+    assert "pipeline.normaliser.parity_faces: must be positive" in joined
+    assert "pipeline.normaliser.train.frontal_fraction: a fraction in (0, 1], got 1.5" in joined
+    assert "pipeline.normaliser.train.pixel_weight: must be 0 or more" in joined
+    assert "pipeline.normaliser.encoder.path: file not found" in joined and "no_encoder.st" in joined
+    assert "pipeline.detector" not in joined
+
+
+@pytest.mark.parametrize("stage", ["detector", "normaliser"])
+def test_training_a_pipeline_stage_needs_a_pipeline_recipe(tmp_path: Path, data_root: Path, stage: str) -> None:
     path = write(tmp_path, recipe_dict(data_root))
-    result = subprocess.run([sys.executable, "-m", "factory", "train", str(path), "--stage", "detector"],
+    result = subprocess.run([sys.executable, "-m", "factory", "train", str(path), "--stage", stage],
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode != 0
-    assert "has no 'pipeline.detector' section" in result.stderr
-    assert not (tmp_path / "d.safetensors").exists()
+    assert f"has no 'pipeline.{stage}' section" in result.stderr
+    assert not list(tmp_path.glob("*.safetensors"))

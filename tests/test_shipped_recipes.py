@@ -54,8 +54,19 @@ def test_full_build_passes_its_gates_and_reproduces_the_committed_report(recipe:
         for artifact in before["artifacts"]:
             now = rows[(artifact["format"], artifact["precision"])]
             assert now["parity"]["agreement"] == pytest.approx(artifact["parity"]["agreement"], abs=0.03)
-        pytorch = {row["photos_set"]: row for row in report["pipeline"]["end_to_end"]["rows"]
-                   if row["runtime"] == "PyTorch fp32"}
+        pytorch = {(row["photos_set"], row.get("normalised", False)): row
+                   for row in report["pipeline"]["end_to_end"]["rows"] if row["runtime"] == "PyTorch fp32"}
         for row in committed["pipeline"]["end_to_end"]["rows"]:
             if row["runtime"] == "PyTorch fp32":
-                assert pytorch[row["photos_set"]]["cosine_mean"] == pytest.approx(row["cosine_mean"], abs=1e-3)
+                now = pytorch[(row["photos_set"], row.get("normalised", False))]
+                assert now["cosine_mean"] == pytest.approx(row["cosine_mean"], abs=1e-3)
+        if "normaliser" in committed["pipeline"]:
+            # The normaliser's PyTorch identity scores are deterministic, its artifacts' parity close.
+            normaliser, before = report["pipeline"]["normaliser"], committed["pipeline"]["normaliser"]
+            for key in ("identity_cosine_mean", "accuracy_with", "accuracy_without"):
+                assert normaliser["identity"][key] == pytest.approx(before["identity"][key], abs=1e-3), key
+            rows = {(a["format"], a["precision"]): a for a in normaliser["artifacts"]}
+            for artifact in before["artifacts"]:
+                now = rows[(artifact["format"], artifact["precision"])]["parity"]
+                assert now["embedding_cosine_mean"] == pytest.approx(artifact["parity"]["embedding_cosine_mean"],
+                                                                     abs=0.003)

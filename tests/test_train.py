@@ -1,5 +1,6 @@
 """Training on a tiny synthetic set: resumable, deterministic, safetensors only."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,60 @@ def test_identity_fraction_is_validated(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(FactoryError, match=r"train\.identity_fraction: a fraction in \(0, 1\], got 0.0"):
         load_recipe(path)
+
+
+class FixedEmbeddings(torch.nn.Module):
+    """A 'model' returning preset embeddings for the images of a batch (indexed by their first pixel)."""
+
+    def __init__(self, embeddings: torch.Tensor) -> None:
+        super().__init__()
+        self.embeddings = embeddings
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embeddings[x[:, 0, 0, 0].long()]
+
+
+def test_monitor_tells_a_collapsed_embedding_from_a_spread_one() -> None:
+    from factory.losses import SoftmaxHead
+    from factory.train import COLLAPSED_COSINE, ArcFaceHead, _monitor
+
+    count = 200
+    index = torch.arange(count, dtype=torch.float32).reshape(-1, 1, 1, 1).expand(count, 3, 2, 2)
+    labels = torch.arange(count) % 4
+    spread = torch.eye(8)[labels]  # 4 orthogonal directions, one per identity
+    noise = torch.randn(count, 8, generator=torch.manual_seed(0))
+    cone = torch.nn.functional.normalize(torch.ones(count, 8) * 3 + noise)
+    head = ArcFaceHead(8, 4, 64.0, 0.5)
+    head.weight.data = torch.eye(8)[:4]
+    healthy = _monitor(FixedEmbeddings(spread), head, index, labels)
+    # Faces of the same identity share a direction (cosine 1), others are orthogonal: mean (n/4 - 1) / (n - 1).
+    assert healthy["embedding_cosine_mean"] == pytest.approx((count / 4 - 1) / (count - 1), abs=1e-4)
+    assert healthy["train_top1"] == 1.0
+    collapsed = _monitor(FixedEmbeddings(cone), head, index, labels)
+    assert collapsed["embedding_cosine_mean"] > 0.9 > COLLAPSED_COSINE
+    assert collapsed["train_top1"] <= 0.5
+    softmax = SoftmaxHead(8, 4)
+    softmax.classifier.weight.data = torch.eye(8)[:4]
+    softmax.classifier.bias.data.zero_()
+    assert _monitor(FixedEmbeddings(spread), softmax, index, labels)["train_top1"] == 1.0
+    # The triplet loss has no classifier: only the spread is measured.
+    assert set(_monitor(FixedEmbeddings(spread), torch.nn.Identity(), index, labels)) == {"embedding_cosine_mean"}
+
+
+def test_training_logs_the_monitor_every_epoch_and_warns_of_collapse(tmp_path: Path, monkeypatch) -> None:
+    import factory.train
+
+    torch.set_num_threads(1)
+    # Any embedding counts as collapsed at a threshold of -1, so the warning path must run.
+    monkeypatch.setattr(factory.train, "COLLAPSED_COSINE", -1.0)
+    recipe = make_recipe(tmp_path, epochs=1, weights="w.safetensors")
+    lines: list[str] = []
+    summary = train(recipe, recipe.resolve("w.safetensors"), device="cpu", log=lines.append)
+    monitor = summary["history"][0]["monitor"]
+    assert set(monitor) == {"embedding_cosine_mean", "train_top1"}
+    assert -1.0 <= monitor["embedding_cosine_mean"] <= 1.0 and 0.0 <= monitor["train_top1"] <= 1.0
+    assert any(line.startswith("epoch 1/1") and f"embedding_cosine_mean {monitor['embedding_cosine_mean']}" in line
+               for line in lines)
+    written = json.loads(recipe.resolve("w.train.json").read_text())
+    assert written["monitor"] == summary["monitor"] and written["collapsed"] is True
+    assert any(line.startswith("WARNING: the embeddings collapsed") for line in lines)

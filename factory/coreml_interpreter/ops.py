@@ -364,6 +364,51 @@ def conv(args: Args) -> torch.Tensor:
     return _CONV[rank](F.pad(x, _torch_pad(padding)), weight, bias, stride=strides, dilation=dilations, groups=groups)
 
 
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+@kernel("conv_transpose")
+def conv_transpose(args: Args) -> torch.Tensor:
+    """MIL conv_transpose (weight [C_in, C_out / groups, *K], as PyTorch's): the full ("valid") transposed
+    convolution, then cropped by the padding (`custom`), to input x stride (`same`) or to `output_shape`."""
+    x, weight = args["x"], args["weight"]
+    rank = x.dim() - 2
+    strides = ints(args["strides"]) if args.get("strides") is not None else [1] * rank
+    dilations = ints(args["dilations"]) if args.get("dilations") is not None else [1] * rank
+    pad = ints(args["pad"]) if args.get("pad") is not None else [0] * 2 * rank
+    bias = None if args.get("bias") is None else torch.as_tensor(args["bias"])
+    groups = int(scalar(args.get("groups", 1)))
+    full = _CONV_TRANSPOSE[rank](x, weight, bias, stride=strides, dilation=dilations, groups=groups)
+    pad_type = str(args.get("pad_type", "valid"))
+    if pad_type == "valid":
+        pad = [0] * 2 * rank
+    elif pad_type == "same":
+        pad = []
+        for size, full_size, stride in zip(x.shape[2:], full.shape[2:], strides, strict=True):
+            total = full_size - size * stride
+            pad += [total // 2, total - total // 2]
+    elif pad_type != "custom":
+        raise ValueError(f"unknown pad_type {pad_type!r}")
+    wanted = ints(args["output_shape"])[2:] if args.get("output_shape") is not None else [
+        full.shape[2 + i] - pad[2 * i] - pad[2 * i + 1] for i in range(rank)]
+    out = full
+    for i, size in enumerate(wanted):
+        out = out.narrow(2 + i, pad[2 * i], min(size, out.shape[2 + i] - pad[2 * i]))
+        if out.shape[2 + i] < size:  # an output_shape beyond the full output: zeros after (output padding)
+            extra = [0, 0] * (rank - 1 - i) + [0, size - out.shape[2 + i]]
+            out = F.pad(out, extra)
+    return out
+
+
+@kernel("crop")
+def crop(args: Args) -> torch.Tensor:
+    """MIL crop: remove (before, after) rows and columns from the last two dimensions."""
+    x = args["x"]
+    top, bottom = ints(args["crop_height"])
+    left, right = ints(args["crop_width"])
+    return x[..., top : x.shape[-2] - bottom, left : x.shape[-1] - right]
+
+
 _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 
