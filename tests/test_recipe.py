@@ -82,12 +82,15 @@ def test_cli_validate_exits_2_and_lists_problems(tmp_path: Path, data_root: Path
     assert "targets[0].precisions[0]: tflite cannot produce 'fp16'" in result.stderr
 
 
-def test_shipped_recipes_validate() -> None:
-    recipes = [str(p) for p in sorted((REPO / "recipes").glob("*.yaml"))]
+def test_shipped_and_candidate_recipes_validate() -> None:
+    folder = REPO / "recipes"
+    shipped, candidates = sorted(folder.glob("*.yaml")), sorted(folder.glob("candidates/*.yaml"))
+    recipes = [str(p) for p in shipped + candidates]
     result = subprocess.run([sys.executable, "-m", "factory", "validate", *recipes],
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert "mobilefacenet.yaml: ok" in result.stdout
+    assert "candidates/seesawfacenet.yaml: ok" in result.stdout
 
 
 def test_pipeline_detector_settings_are_checked(tmp_path: Path, data_root: Path) -> None:

@@ -33,8 +33,9 @@ its name; this module uses the piecewise-linear h-swish the paper names (MobileN
 converters map to one fused op. The squeeze-and-excitation gate is the code's sigmoid. (A hard sigmoid gate, as
 in MobileNetV3, was tried first: trained with ArcFace on this project's data, 63-100% of its gate values sat at
 exactly 0 or 1, where it passes no gradient, in five of the first stage's six blocks, and the embeddings
-collapsed into a narrow cone, mean cosine 0.76 between different faces, LFW 56%. The sigmoid gate alone has not
-closed the gap to MobileFaceNet on that data: see the README.)
+collapsed into a narrow cone, mean cosine 0.76 between different faces, LFW 56%. With the sigmoid gate the network
+still collapsed at MobileFaceNet's peak learning rate of 0.1; at 0.02 it trains: recipes/candidates/seesawfacenet.yaml
+and the README.)
 The embedding is 128-D (the code defaults to 512) and is returned un-normalised; the factory's deployed graph
 normalises it.
 """
