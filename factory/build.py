@@ -189,8 +189,11 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
                 backbone=backbone, mean=spec.mean, std=spec.std, embedding_size=recipe.model.embedding_size,
                 precision=precision, calibration=calibration,
                 output=out / f"{recipe.name}_{precision}{target.suffix}", stages=log,
+                observer=recipe.data.calibration.observer,
             )
-            compiled.append(target.compile(request))
+            artifact = target.compile(request)
+            artifact.quantization = request.describe_quantization(artifact.quantization)
+            compiled.append(artifact)
 
     artifacts = []
     curves = {"PyTorch fp32 reference": (ref_verification["similarities"], evaluation.same)}
@@ -319,6 +322,7 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
         "evaluation": {
             "pairs_file": recipe.data.evaluation.pairs, "pairs": len(evaluation.pairs),
             "parity_images": len(evaluation.paths), "calibration_faces": len(calibration_paths),
+            "calibration_observer": recipe.data.calibration.observer,
             "protocol": "10-fold: threshold chosen on 9 folds, accuracy on the 10th; mean ± std",
         },
         "reference": {

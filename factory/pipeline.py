@@ -289,9 +289,10 @@ def compile_stage(recipe: Recipe, log: StageLog, printer: Callable[[str], None],
                 backbone=network, mean=stage.mean, std=stage.std, embedding_size=0, precision=precision,
                 calibration=calibration, output=out / f"{stage.stem}_{precision}{target.suffix}", stages=log,
                 graph=stage.graph, output_name=stage.output_name, output_shape=stage.output_shape,
-                description=stage.description,
+                description=stage.description, observer=recipe.data.calibration.observer,
             )
             artifact = target.compile(request)
+            artifact.quantization = request.describe_quantization(artifact.quantization)
             entry: dict[str, Any] = {
                 "file": artifact.path.name, "format": artifact.format, "precision": precision,
                 "bytes": artifact_bytes(artifact.path), "sha256": sha256_of(artifact.path),

@@ -21,6 +21,8 @@ from factory.errors import FactoryError
 Format = Literal["tflite", "executorch", "coreml"]
 Precision = Literal["fp32", "fp16", "w8", "int8"]
 Loss = Literal["arcface", "softmax", "triplet"]
+# How int8 activation ranges are chosen from the calibration faces (factory/observers.py).
+ActivationObserver = Literal["default", "min_max", "mean_min_max"]
 
 # int8 activation ranges from fewer real faces are unstable; recipes must opt in to go below this.
 MIN_CALIBRATION_FACES = 300
@@ -107,6 +109,7 @@ class CalibrationConfig:
     count: int = 500
     seed: int = 0
     allow_fewer_than_300: bool = False
+    observer: ActivationObserver = "default"
 
 
 @dataclass

@@ -74,7 +74,7 @@ def render_markdown(report: dict[str, Any], figures: dict[str, str] | None = Non
         "",
         f"Held-out faces: {ev['parity_images']} images of {ev['pairs']} pairs from `{ev['pairs_file']}` "
         f"(identities absent from training and calibration); calibration used {ev['calibration_faces']} other "
-        f"faces. Verification protocol: {ev['protocol']}.",
+        f"faces{_observer_note(ev)}. Verification protocol: {ev['protocol']}.",
         "",
         f"Reference ({ref['framework']}): LFW accuracy **{_pct(ref['lfw_accuracy'])}** ± "
         f"{_pct(ref['lfw_accuracy_std'])}; TAR@FAR=1e-3 {_pct(ref['tar_at_far_1e-03'])} "
@@ -377,3 +377,11 @@ def write_reports(out: Path, report: dict[str, Any], figures: dict[str, str] | N
     write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
     write_text_atomic(out / "report.md", text)
     write_text_atomic(out / "report.html", render_html(text, out, figures))
+
+
+def _observer_note(evaluation: dict[str, Any]) -> str:
+    """How int8 activation ranges were chosen, where the recipe replaced each target's own observer."""
+    from factory.observers import DESCRIPTIONS
+
+    observer = evaluation.get("calibration_observer", "default")
+    return f" ({DESCRIPTIONS[observer]}, for every int8 target)" if observer in DESCRIPTIONS else ""

@@ -82,7 +82,7 @@ def test_cli_validate_exits_2_and_lists_problems(tmp_path: Path, data_root: Path
     assert "targets[0].precisions[0]: tflite cannot produce 'fp16'" in result.stderr
 
 
-def test_shipped_and_candidate_recipes_validate() -> None:
+def test_shipped_recipes_validate() -> None:
     folder = REPO / "recipes"
     shipped, candidates = sorted(folder.glob("*.yaml")), sorted(folder.glob("candidates/*.yaml"))
     recipes = [str(p) for p in shipped + candidates]
@@ -90,7 +90,16 @@ def test_shipped_and_candidate_recipes_validate() -> None:
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert "mobilefacenet.yaml: ok" in result.stdout
-    assert "candidates/seesawfacenet.yaml: ok" in result.stdout
+    assert "seesawfacenet.yaml: ok" in result.stdout
+    assert load_recipe(folder / "seesawfacenet.yaml").data.calibration.observer == "mean_min_max"
+
+
+def test_calibration_observer_defaults_and_is_checked(tmp_path: Path, data_root: Path) -> None:
+    data = recipe_dict(data_root)
+    assert load_recipe(write(tmp_path, data)).data.calibration.observer == "default"
+    data["data"]["calibration"] = {"split": "splits/train.txt", "observer": "percentile"}
+    joined = "\n".join(problems_of(write(tmp_path, data)))
+    assert "data.calibration.observer: 'percentile' is not one of" in joined
 
 
 def test_pipeline_detector_settings_are_checked(tmp_path: Path, data_root: Path) -> None:

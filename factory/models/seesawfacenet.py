@@ -34,7 +34,7 @@ converters map to one fused op. The squeeze-and-excitation gate is the code's si
 in MobileNetV3, was tried first: trained with ArcFace on this project's data, 63-100% of its gate values sat at
 exactly 0 or 1, where it passes no gradient, in five of the first stage's six blocks, and the embeddings
 collapsed into a narrow cone, mean cosine 0.76 between different faces, LFW 56%. With the sigmoid gate the network
-still collapsed at MobileFaceNet's peak learning rate of 0.1; at 0.02 it trains: recipes/candidates/seesawfacenet.yaml
+still collapsed at MobileFaceNet's peak learning rate of 0.1; at 0.02 it trains: recipes/seesawfacenet.yaml
 and the README.)
 The embedding is 128-D (the code defaults to 512) and is returned un-normalised; the factory's deployed graph
 normalises it.

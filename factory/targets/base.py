@@ -37,6 +37,7 @@ class CompileRequest:
         output_name: Name of the artifact's output, where the format names it (Core ML).
         output_shape: Shape of the artifact's output; None: (1, embedding_size).
         description: One line describing the model, where the format stores one (Core ML).
+        observer: How int8 activation ranges are chosen from the calibration faces (`factory.observers`).
     """
 
     backbone: nn.Module
@@ -51,10 +52,19 @@ class CompileRequest:
     output_name: str = "embedding"
     output_shape: list[int] | None = None
     description: str = "Face embedding model built by the mobile face-model factory"
+    observer: str = "default"
 
     @property
     def label(self) -> str:
         return self.output.name
+
+    def describe_quantization(self, text: str) -> str:
+        """A target's quantisation text, naming the activation observer where the recipe chose one."""
+        from factory.observers import DESCRIPTIONS
+
+        if self.precision != "int8" or self.observer not in DESCRIPTIONS:
+            return text
+        return f"{text}; {DESCRIPTIONS[self.observer]}"
 
     @property
     def artifact_output_shape(self) -> list[int]:
@@ -86,12 +96,15 @@ class CompileRequest:
         """
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
+        from factory.observers import use_activation_observer
+
         mean = np.asarray(self.mean, np.float32).reshape(1, -1, 1, 1)
         std = np.asarray(self.std, np.float32).reshape(1, -1, 1, 1)
         normalised = (self.calibration - mean) / std
         example = (torch.from_numpy(np.ascontiguousarray(normalised[:1])),)
         with self.stages.stage(Stage.QUANTIZE, f"{self.label}: {len(normalised)} calibration faces"):
             prepared = prepare_pt2e(torch.export.export(self.backbone, example).module(), quantizer)
+            use_activation_observer(prepared, self.observer)
             # Quantisers built for training (coremltools' inserts FakeQuantize modules) would quantise each
             # activation with the ranges seen so far while calibrating, so later layers' ranges would depend on
             # the order of the faces. Post-training calibration observes float activations only.
