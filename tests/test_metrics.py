@@ -4,6 +4,7 @@ import pytest
 from factory.metrics import (
     accuracy_at,
     best_threshold,
+    check_gates,
     cosine_summary,
     flip_rate,
     k_fold_accuracy,
@@ -71,3 +72,13 @@ def test_tar_at_far_on_a_hand_computed_example() -> None:
     assert tar_at_far(sims, same, 2e-3) == pytest.approx(3 / 4)
     # FAR 1e-4 needs at least 10,000 impostor pairs to be measurable.
     assert np.isnan(tar_at_far(sims, same, 1e-4))
+
+
+def test_a_value_at_its_threshold_passes_despite_float_noise() -> None:
+    drop = 0.82 - 0.815  # 6 pairs of 1,200: exactly 0.5 pt, 0.0050000000000000044 in floating point
+    results = check_gates([("lfw_accuracy_drop", 0.005, "<="), ("cosine_mean", 0.99, ">=")],
+                          {"lfw_accuracy_drop": drop, "cosine_mean": 0.99 - 1e-12})
+    assert [r["passed"] for r in results] == [True, True]
+    over = check_gates([("lfw_accuracy_drop", 0.005, "<="), ("cosine_mean", 0.99, ">=")],
+                       {"lfw_accuracy_drop": 0.82 - 0.8142, "cosine_mean": 0.9899})
+    assert [r["passed"] for r in over] == [False, False]
