@@ -575,3 +575,31 @@ def test_fp32_program_of_the_shipped_mobilefacenet_matches_pytorch_on_real_faces
     expected = torch_batch(embedder, faces)
     cosine = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
     assert len(cosine) == 64 and cosine.min() >= 0.99999, (cosine.min(), cosine.mean())
+
+
+class Branchy(nn.Module):
+    """A value read twice, far apart (the residual), and a branch whose output is read once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.a(x))
+        return x + self.b(torch.sigmoid(y) * y)
+
+
+def test_intermediate_values_are_dropped_after_their_last_reader(tmp_path: Path) -> None:
+    """Memory holds only live values: each intermediate is released once, after its last reader, never sooner."""
+    module = Branchy()
+    x = random_input((BATCH, 4, 6, 6))
+    interpreter = CoreMLInterpreter.from_package(convert_torch(module, torch.from_numpy(x[:1]), tmp_path))
+    released = [name for names in interpreter._release for name in names]
+    produced = [output.name for step in interpreter._steps for output in step.outputs]
+    assert sorted(released) == sorted((set(produced) | set(interpreter.inputs)) - set(interpreter.output_names))
+    for index, names in enumerate(interpreter._release):
+        for name in names:  # no later step reads a released value
+            later = [s for s in interpreter._steps[index + 1:]
+                     if any(name in (v if isinstance(v, tuple) else (v,)) for v in s.inputs.values())]
+            assert not later, (name, later)
+    np.testing.assert_allclose(run(interpreter, x), torch_batch(module, x), rtol=1e-4, atol=2e-5)
