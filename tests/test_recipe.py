@@ -82,7 +82,7 @@ def test_cli_validate_exits_2_and_lists_problems(tmp_path: Path, data_root: Path
     assert "targets[0].precisions[0]: tflite cannot produce 'fp16'" in result.stderr
 
 
-def test_shipped_recipes_validate() -> None:
+def test_shipped_and_candidate_recipes_validate() -> None:
     folder = REPO / "recipes"
     shipped, candidates = sorted(folder.glob("*.yaml")), sorted(folder.glob("candidates/*.yaml"))
     recipes = [str(p) for p in shipped + candidates]
@@ -91,6 +91,7 @@ def test_shipped_recipes_validate() -> None:
     assert result.returncode == 0, result.stderr
     assert "mobilefacenet.yaml: ok" in result.stdout
     assert "seesawfacenet.yaml: ok" in result.stdout
+    assert "candidates/seesawfacenet_dw.yaml: ok" in result.stdout
     assert load_recipe(folder / "seesawfacenet.yaml").data.calibration.observer == "mean_min_max"
 
 
