@@ -91,7 +91,7 @@ def test_shipped_and_candidate_recipes_validate() -> None:
     assert result.returncode == 0, result.stderr
     assert "mobilefacenet.yaml: ok" in result.stdout
     assert "seesawfacenet.yaml: ok" in result.stdout
-    assert "candidates/seesawfacenet_dw.yaml: ok" in result.stdout
+    assert "seesawfacenet_dw.yaml: ok" in result.stdout
     assert load_recipe(folder / "seesawfacenet.yaml").data.calibration.observer == "mean_min_max"
 
 
