@@ -127,6 +127,10 @@ def render_markdown(report: dict[str, Any], figures: dict[str, str] | None = Non
             lines.append(f"| `{a['file']}` | " + " | ".join(note for _ in thread_keys) + " |")
     for name, rows in report["peers"].items():
         lines.append(f"| {name.replace('_', ' ')} | " + " | ".join(_latency_cell(rows, k) for k in thread_keys) + " |")
+    split = [a for a in artifacts if a["details"].get("xnnpack_partitions", 1) > 1]
+    if split:
+        lines += ["", *(f"`{a['file']}` runs in {a['details']['xnnpack_partitions']} XNNPACK partitions, not one: "
+                        "the ops between them run on LiteRT's built-in kernels, which slows it down." for a in split)]
     lines += _detector_lines(report.get("pipeline", {}).get("detector"))
     lines += _normaliser_lines(report.get("pipeline", {}).get("normaliser"))
     lines += _end_to_end_lines(report.get("pipeline", {}).get("end_to_end"))

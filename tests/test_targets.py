@@ -53,6 +53,8 @@ def test_artifact_matches_pytorch_in_its_runtime(tiny_backbone, tmp_path, fmt, p
     assert parity["cosine_mean"] >= min_cosine, parity
     if fmt == "executorch":
         assert artifact.details["delegated"] and artifact.details["delegate_calls"] >= 1
+    if fmt == "tflite":
+        assert artifact.details["xnnpack_partitions"] == 1, "MobileFaceNet's op mix runs whole in XNNPACK"
 
 
 def test_tflite_int8_really_computes_in_int8(tiny_backbone, tmp_path) -> None:
@@ -178,6 +180,26 @@ def test_seed_system_blocks_compile_whole_and_match_pytorch(tmp_path, fmt, preci
     assert parity["cosine_mean"] >= min_cosine, parity
     if fmt == "executorch":
         assert artifact.details["delegated"]
+
+
+def test_tflite_int8_keeps_hardswish_inside_xnnpack(tmp_path) -> None:
+    """LiteRT's XNNPACK delegate takes float HARD_SWISH but not int8: left to the converter, the seesaw blocks'
+    int8 .tflite falls apart into partitions. Written as x * hardsigmoid(x) it stays whole, and as accurate."""
+    from ai_edge_litert.interpreter import Interpreter
+    from helpers import settle_batchnorm
+
+    from factory.targets.tflite import gate_hardswish
+
+    torch.manual_seed(0)
+    backbone = settle_batchnorm(TinySeedBlocks(), torch.from_numpy((pixels(32, 5) - 127.5) / 128.0))
+    x = torch.randn(4, 3, 112, 112)
+    with torch.no_grad():
+        assert torch.allclose(gate_hardswish(backbone)(x), backbone(x), atol=1e-5), "the same function"
+    target, int8 = compile_tiny(backbone, "tflite", "int8", tmp_path)
+    assert int8.details["xnnpack_partitions"] == 1
+    ops = {op["op_name"] for op in Interpreter(model_path=str(int8.path))._get_ops_details()}
+    assert "HARD_SWISH" not in ops and "MUL" in ops
+    assert run_parity(target, int8, backbone)["cosine_mean"] >= 0.98
 
 
 @pytest.mark.parametrize("fmt", ["tflite", "executorch"])

@@ -85,8 +85,10 @@ class CompileRequest:
         """One calibration face as the deployed graph's example input."""
         return (torch.from_numpy(np.ascontiguousarray(self.calibration[:1])),)
 
-    def quantized_backbone(self, quantizer: object, fold_quantize: bool) -> nn.Module:
-        """The backbone quantised with a PT2E `quantizer`, calibrated on every calibration face.
+    def quantized_backbone(self, quantizer: object, fold_quantize: bool,
+                           backbone: nn.Module | None = None) -> nn.Module:
+        """The backbone (or a target's rewrite of it) quantised with a PT2E `quantizer`, calibrated on every
+        calibration face.
 
         `fold_quantize` stores int8 weights directly (XNNPACK wants this); litert-torch instead
         wants float weights followed by an explicit quantise op, which it folds itself.
@@ -103,7 +105,8 @@ class CompileRequest:
         normalised = (self.calibration - mean) / std
         example = (torch.from_numpy(np.ascontiguousarray(normalised[:1])),)
         with self.stages.stage(Stage.QUANTIZE, f"{self.label}: {len(normalised)} calibration faces"):
-            prepared = prepare_pt2e(torch.export.export(self.backbone, example).module(), quantizer)
+            source = self.backbone if backbone is None else backbone
+            prepared = prepare_pt2e(torch.export.export(source, example).module(), quantizer)
             use_activation_observer(prepared, self.observer)
             # Quantisers built for training (coremltools' inserts FakeQuantize modules) would quantise each
             # activation with the ranges seen so far while calibrating, so later layers' ranges would depend on
