@@ -52,8 +52,8 @@ def gate_hardswish(backbone: nn.Module) -> nn.Module:
 def _quantizer():
     """litert-torch's PT2E quantizer, except that x * hardsigmoid(x) (`GatedHardswish`) gets no output range of
     its own: the product is quantised where its consumers quantise their input, as a plain h-swish's output is.
-    With an own range (the quantizer's `mul` pattern) the product is quantised before the channel concatenation
-    that the seesaw block shares one range across, and the PT2E emulation's cosine fell from 0.9949 to 0.9808."""
+    With a range of its own (the quantizer's `mul` pattern) the PT2E emulation of SeesawFaceNet fell to cosine
+    0.9808 on 200 LFW faces, against 0.9949 with plain h-swish; without it, 0.9950."""
     from litert_torch.quantize import pt2e_quantizer
 
     class Quantizer(pt2e_quantizer.PT2EQuantizer):
