@@ -31,11 +31,22 @@ CHUNK = 1 << 16
 
 @dataclass(frozen=True)
 class RemoteFile:
-    """A published file: its name, where it is served, and its published MD5."""
+    """A published file: its name, where it is served, and its digest (the published MD5, or a pinned sha256)."""
 
     name: str
     urls: tuple[str, ...]
-    md5: str
+    md5: str = ""
+    sha256: str = ""
+
+    def digest_of(self, path: Path) -> tuple[str, str]:
+        """(algorithm, hex digest) of `path` by this file's pinned algorithm."""
+        if self.sha256:
+            return "sha256", file_digest(path, "sha256")
+        return "md5", md5_of(path)
+
+    @property
+    def expected(self) -> str:
+        return self.sha256 or self.md5
 
 
 # Official LFW hosting (University of Massachusetts) and the MD5 digests published for it.
@@ -54,12 +65,16 @@ def fetched_root() -> Path:
     return cache_dir() / "faces"
 
 
-def md5_of(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
+def file_digest(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm, usedforsecurity=False)
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def md5_of(path: Path) -> str:
+    return file_digest(path, "md5")
 
 
 def _fetch_into(url: str, part: Path, timeout: float) -> None:
@@ -86,7 +101,7 @@ def download(remote: RemoteFile, directory: Path, mirror: str | None = None, att
     """A verified local copy of `remote` in `directory`, downloading (and resuming) only what is missing.
 
     Args:
-        remote: The file and its published MD5.
+        remote: The file and its digest.
         directory: Cache folder.
         mirror: Base URL serving the same file names, tried instead of the official hosts.
         attempts: Tries per URL; each retry resumes where the last one stopped.
@@ -97,7 +112,7 @@ def download(remote: RemoteFile, directory: Path, mirror: str | None = None, att
     """
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / remote.name
-    if final.is_file() and md5_of(final) == remote.md5:
+    if final.is_file() and remote.digest_of(final)[1] == remote.expected:
         return final
     final.unlink(missing_ok=True)
     part = directory / f"{remote.name}.part"
@@ -112,13 +127,13 @@ def download(remote: RemoteFile, directory: Path, mirror: str | None = None, att
                 problems.append(f"{url}: {error}")
         else:
             continue
-        digest = md5_of(part)
-        if digest == remote.md5:
+        algorithm, digest = remote.digest_of(part)
+        if digest == remote.expected:
             os.replace(part, final)
             return final
         part.unlink()
-        problems.append(f"{url}: checksum mismatch (md5 {digest}, published {remote.md5}): corrupt or not the "
-                        "official file")
+        problems.append(f"{url}: checksum mismatch ({algorithm} {digest}, expected {remote.expected}): corrupt or "
+                        "not the official file")
     part.unlink(missing_ok=True)
     raise FactoryError(f"could not fetch a verified {remote.name}:\n  " + "\n  ".join(problems[-4:]))
 

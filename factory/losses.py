@@ -152,3 +152,27 @@ def triplet_steps_per_epoch(labels: np.ndarray, identities_per_batch: int) -> in
     """How many batches `identity_pair_batches` yields per epoch (for the learning-rate schedule)."""
     _, counts = np.unique(labels, return_counts=True)
     return int((counts >= 2).sum()) // identities_per_batch
+
+
+def projected_cosine_loss(student: torch.Tensor, teacher: torch.Tensor, projection: nn.Module) -> torch.Tensor:
+    """Mean of 1 - cos(projection(student), teacher) over a batch (the teacher's own embedding space).
+
+    Args:
+        student: Student embeddings (B, d), any scale.
+        teacher: Teacher embeddings of the same views (B, D).
+        projection: Learned map from d to D (a linear layer), trained with the student.
+    """
+    return (1.0 - F.cosine_similarity(projection(student), teacher, dim=1)).mean()
+
+
+def relational_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of the batch's pairwise cosine matrices, off the diagonal.
+
+    Works for any two embedding sizes: only how the faces relate to one another is matched (relational
+    knowledge distillation, Park et al., CVPR 2019, here on cosines as the verification score uses them).
+    """
+    unit_s, unit_t = F.normalize(student, dim=1), F.normalize(teacher, dim=1)
+    count = len(student)
+    off_diagonal = ~torch.eye(count, dtype=torch.bool, device=student.device)
+    difference = (unit_s @ unit_s.T - unit_t @ unit_t.T)[off_diagonal]
+    return difference.square().mean()

@@ -21,6 +21,8 @@ from factory.errors import FactoryError
 Format = Literal["tflite", "executorch", "coreml"]
 Precision = Literal["fp32", "fp16", "w8", "int8"]
 Loss = Literal["arcface", "softmax", "triplet"]
+Augmentation = Literal["basic", "strong"]
+TeacherOutputs = Literal["online", "cached"]
 # How int8 activation ranges are chosen from the calibration faces (factory/observers.py).
 ActivationObserver = Literal["default", "min_max", "mean_min_max"]
 
@@ -78,6 +80,31 @@ class WeightsConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from pretrained teachers (`factory.teachers`), added to the label loss.
+
+    Per step, on the same augmented views the student sees: `cosine_weight` x (1 - cosine between a learned
+    linear projection of the student embedding and each teacher's embedding, averaged over the teachers),
+    `relational_weight` x the mean squared difference of the batch's pairwise cosine matrices (student
+    against the teachers' mean), and `label_weight` x the recipe's label loss (`train.loss`).
+    `teacher_outputs`: `online` runs the teachers on every view; `cached` draws each face's views from
+    `cached_views` fixed strong views whose teacher embeddings are computed once into `cache_dir`
+    (default `$FACTORY_CACHE/teacher-embeddings`) and reused across runs and recipes.
+    `unlabelled`: further split files (a face path per line, relative to data.root, any label ignored)
+    whose faces join only the distillation losses; no face of an evaluation identity is accepted.
+    """
+
+    teachers: list[str]
+    cosine_weight: float = 1.0
+    relational_weight: float = 1.0
+    label_weight: float = 1.0
+    teacher_outputs: TeacherOutputs = "online"
+    cached_views: int = 8
+    cache_dir: str | None = None
+    unlabelled: list[str] = field(default_factory=list)
+
+
+@dataclass
 class TrainConfig:
     """How to train the model on a `path<TAB>label` split.
 
@@ -99,6 +126,11 @@ class TrainConfig:
     identity_fraction: float = 1.0
     loss: Loss = "arcface"
     triplet_margin: float = 0.2
+    # `basic`: flip + shift by up to max_shift pixels; `strong`: see factory.augment (meant for distillation).
+    augmentation: Augmentation = "basic"
+    # Start from these weights (safetensors, relative to the recipe) instead of a random initialisation.
+    init_from: str | None = None
+    distill: DistillConfig | None = None
 
 
 @dataclass
@@ -473,6 +505,7 @@ def _check_rules(recipe: Recipe, problems: list[str]) -> None:
             problems.append(f"train.identity_fraction: a fraction in (0, 1], got {recipe.train.identity_fraction}")
         if recipe.train.triplet_margin <= 0.0:
             problems.append(f"train.triplet_margin: must be positive, got {recipe.train.triplet_margin}")
+        _check_distill(recipe, problems)
         if recipe.train.loss == "triplet" and (recipe.train.batch_size < 4 or recipe.train.batch_size % 2):
             problems.append(f"train.batch_size: the triplet loss takes 2 images of each of batch_size / 2 "
                             f"identities, so it must be even and at least 4, got {recipe.train.batch_size}")
@@ -495,6 +528,10 @@ def _check_rules(recipe: Recipe, problems: list[str]) -> None:
             checks.append((f"data.benchmarks[{index}].images", str(Path(recipe.data.root) / benchmark.images), "dir"))
     if recipe.train is not None:
         checks.append(("train.split", str(Path(recipe.data.root) / recipe.train.split), "file"))
+        if recipe.train.init_from is not None:
+            checks.append(("train.init_from", recipe.train.init_from, "file"))
+        for index, split in enumerate(recipe.train.distill.unlabelled if recipe.train.distill else []):
+            checks.append((f"train.distill.unlabelled[{index}]", str(Path(recipe.data.root) / split), "file"))
     for key, relative, kind in checks:
         resolved = recipe.resolve(relative)
         exists = resolved.is_dir() if kind == "dir" else resolved.is_file()
@@ -534,6 +571,36 @@ def _check_rules(recipe: Recipe, problems: list[str]) -> None:
     weights = recipe.resolve(recipe.weights.path)
     if not weights.is_file() and recipe.train is None:
         problems.append(f"weights.path: file not found: {weights}, and there is no 'train' section to make it")
+
+
+def _check_distill(recipe: Recipe, problems: list[str]) -> None:
+    distill = recipe.train.distill if recipe.train is not None else None
+    if distill is None:
+        return
+    from factory.teachers import teacher_names
+
+    if not distill.teachers:
+        problems.append("train.distill.teachers: name at least one teacher; registered: " + ", ".join(teacher_names()))
+    for index, name in enumerate(distill.teachers):
+        if name not in teacher_names():
+            problems.append(f"train.distill.teachers[{index}]: {name!r} is not a registered teacher; "
+                            f"registered: {', '.join(teacher_names())}")
+    if len(set(distill.teachers)) != len(distill.teachers):
+        problems.append("train.distill.teachers: a teacher is listed twice")
+    for name in ("cosine_weight", "relational_weight", "label_weight"):
+        if getattr(distill, name) < 0:
+            problems.append(f"train.distill.{name}: must be 0 or more, got {getattr(distill, name)}")
+    if distill.cosine_weight == 0 and distill.relational_weight == 0:
+        problems.append("train.distill: cosine_weight and relational_weight are both 0, so nothing is distilled; "
+                        "remove the distill section or give one a weight")
+    if distill.teacher_outputs == "cached" and recipe.train.augmentation != "strong":
+        problems.append("train.distill.teacher_outputs: 'cached' keeps teacher outputs of fixed strong views; set "
+                        "train.augmentation: strong, or use teacher_outputs: online")
+    if distill.cached_views < 1:
+        problems.append(f"train.distill.cached_views: at least 1, got {distill.cached_views}")
+    if recipe.train.loss == "triplet":
+        problems.append("train.distill: distillation is implemented with the classifier losses (arcface, softmax); "
+                        "set train.loss to one of them")
 
 
 def parse_recipe(data: Any, path: Path) -> Recipe:

@@ -25,13 +25,18 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from factory.augment import basic_batch, face_keys, strong_views
+from factory.benchmarks import read_pairs
 from factory.data import load_images, read_split, to_input_tensor
+from factory.distill import Distiller
 from factory.errors import FactoryError
+from factory.evaluation import EvaluationSet
 from factory.io import atomic_path
 from factory.losses import SoftmaxHead, identity_pair_batches, triplet_loss, triplet_steps_per_epoch
 from factory.models import create_model, model_entry
 from factory.recipe import Recipe, TrainConfig, data_path
-from factory.weights import save_weights
+from factory.teachers.cache import cache_root
+from factory.weights import load_weights, save_weights
 
 
 class ArcFaceHead(nn.Module):
@@ -99,19 +104,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _augment(batch: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.ndarray:
-    """Random horizontal flip and a small translation (zero padded) of an NHWC uint8 batch."""
-    out = batch.copy()
-    flip = rng.random(len(out)) < 0.5
-    out[flip] = out[flip, :, ::-1]
-    if max_shift:
-        padded = np.pad(out, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)))
-        side = batch.shape[1]
-        for index, (dy, dx) in enumerate(rng.integers(0, 2 * max_shift + 1, size=(len(out), 2))):
-            out[index] = padded[index, dy : dy + side, dx : dx + side]
-    return out
-
-
 def _learning_rate(step: int, total: int, warmup: int, peak: float) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -119,9 +111,8 @@ def _learning_rate(step: int, total: int, warmup: int, peak: float) -> float:
     return 0.5 * peak * (1.0 + math.cos(math.pi * progress))
 
 
-def _save_checkpoint(path: Path, model: nn.Module, head: nn.Module, optimizer: torch.optim.SGD, meta: dict) -> None:
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors.update({f"head.{k}": v for k, v in head.state_dict().items()})
+def _save_checkpoint(path: Path, modules: dict[str, nn.Module], optimizer: torch.optim.SGD, meta: dict) -> None:
+    tensors = {f"{prefix}.{k}": v for prefix, module in modules.items() for k, v in module.state_dict().items()}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for index, param in enumerate(params):
         buffer = optimizer.state.get(param, {}).get("momentum_buffer")
@@ -132,7 +123,7 @@ def _save_checkpoint(path: Path, model: nn.Module, head: nn.Module, optimizer: t
                   metadata={"factory": json.dumps(meta)})
 
 
-def _load_checkpoint(path: Path, model: nn.Module, head: nn.Module, optimizer: torch.optim.SGD) -> dict:
+def _load_checkpoint(path: Path, modules: dict[str, nn.Module], optimizer: torch.optim.SGD) -> dict:
     from safetensors import safe_open
 
     try:
@@ -143,8 +134,8 @@ def _load_checkpoint(path: Path, model: nn.Module, head: nn.Module, optimizer: t
         raise FactoryError(
             f"checkpoint {path} is corrupt or not a factory checkpoint ({error}); delete it to start over"
         ) from None
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+    for prefix, module in modules.items():
+        module.load_state_dict({k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{prefix}.")})
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for index, param in enumerate(params):
         key = f"momentum.{index}"
@@ -174,6 +165,26 @@ def _same_settings(saved: dict | None, cfg: TrainConfig) -> bool:
     return {key: value for key, value in current.items() if key in saved or value != defaults[key]} == saved
 
 
+def _unlabelled_faces(recipe: Recipe) -> list[Path]:
+    """Faces of `train.distill.unlabelled`, refusing any in an evaluation identity's folder."""
+    distill = recipe.train.distill if recipe.train is not None else None
+    if distill is None or not distill.unlabelled:
+        return []
+    root = recipe.resolve(recipe.data.root)
+    paths = [root / line.split("\t")[0] for split in distill.unlabelled
+             for line in data_path(recipe, split).read_text().splitlines() if line.strip()]
+    evaluation = recipe.data.evaluation
+    pairs = [] if evaluation.pairs.endswith(".bin") else read_pairs(data_path(recipe, evaluation.pairs),
+                                                                      data_path(recipe, evaluation.images))
+    tested = {path.parent.resolve() for pair in pairs for path in (pair.path_a, pair.path_b)}
+    leaked = [path for path in paths if path.parent.resolve() in tested]
+    if leaked:
+        raise FactoryError(f"train.distill.unlabelled lists {len(leaked)} faces of identities in the evaluation pairs "
+                           f"(e.g. {leaked[0]}); training on them would make the held-out score dishonest — "
+                           "remove them from the split")
+    return paths
+
+
 def train(
     recipe: Recipe,
     output: Path,
@@ -181,6 +192,7 @@ def train(
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     log: Callable[[str], None] = print,
     evaluate_every_epoch: bool = False,
+    held_out: EvaluationSet | None = None,
 ) -> dict:
     """Train the recipe's model on its training split and save the weights to `output`.
 
@@ -191,6 +203,8 @@ def train(
         evaluate: Optional callback scoring the model (e.g. LFW accuracy) after training.
         log: Where progress lines go.
         evaluate_every_epoch: Also score the model after every epoch (kept in the history; learning curves).
+        held_out: Faces and pairs never trained on, scored after every epoch (verification accuracy and,
+            when distilling, the student-teacher cosine on their faces).
 
     Returns:
         A summary (hardware, wall time, epochs, final loss, evaluation) that is also written as JSON.
@@ -210,19 +224,32 @@ def train(
         items = [item for item in items if item[1] in chosen]
     labels_text = sorted({label for _, label in items})
     label_index = {label: i for i, label in enumerate(labels_text)}
-    log(f"training {recipe.model.architecture}: {len(items)} images, {len(labels_text)} identities, device {device}")
-    images = load_images([path for path, _ in items], spec.size)
-    labels = np.array([label_index[label] for _, label in items], np.int64)
+    unlabelled = _unlabelled_faces(recipe)
+    log(f"training {recipe.model.architecture}: {len(items)} images, {len(labels_text)} identities"
+        f"{f', {len(unlabelled)} unlabelled faces' if unlabelled else ''}, device {device}")
+    images = load_images([path for path, _ in items] + unlabelled, spec.size)
+    labels = np.array([label_index[label] for _, label in items] + [-1] * len(unlabelled), np.int64)
 
     # channels_last roughly doubles CPU training speed of depthwise-heavy networks (the registry says where not).
     channels_last = model_entry(recipe.model.architecture).channels_last_training
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = create_model(recipe.model.architecture, **recipe.model.builder_kwargs())
+    if cfg.init_from is not None:
+        load_weights(model, recipe.resolve(cfg.init_from))
+        log(f"initialised from {cfg.init_from}")
     model = model.to(device, memory_format=memory_format)
     head = _make_head(cfg, recipe.model.embedding_size, len(labels_text)).to(device)
+    distiller = None
+    if cfg.distill is not None:
+        distiller = Distiller(cfg.distill, recipe.model.embedding_size, images, cfg.seed,
+                              cache_root(cfg.distill.cache_dir, recipe.resolve), device, log).to(device)
+    trained: dict[str, nn.Module] = {"model": model, "head": head}
+    if distiller is not None:
+        trained["projection"] = distiller.projections
     decay, no_decay = [], []
-    for _name, param in list(model.named_parameters()) + list(head.named_parameters()):
-        (no_decay if param.ndim <= 1 else decay).append(param)
+    for module in trained.values():
+        for param in module.parameters():
+            (no_decay if param.ndim <= 1 else decay).append(param)
     optimizer = torch.optim.SGD(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.learning_rate, momentum=0.9, nesterov=True,
@@ -230,17 +257,19 @@ def train(
     if cfg.loss == "triplet":
         steps_per_epoch = triplet_steps_per_epoch(labels, cfg.batch_size // 2)
     else:
-        steps_per_epoch = len(items) // cfg.batch_size
+        steps_per_epoch = len(images) // cfg.batch_size
     total_steps = steps_per_epoch * cfg.epochs
-    sample = np.random.default_rng(cfg.seed).permutation(len(items))[:MONITOR_IMAGES]
+    labelled = np.flatnonzero(labels >= 0)
+    sample = labelled[np.random.default_rng(cfg.seed).permutation(len(labelled))[:MONITOR_IMAGES]]
     monitor_x = torch.from_numpy(
         to_input_tensor(images[sample], spec.mean, spec.std, "NCHW", spec.color_order)
     ).to(device, memory_format=memory_format)
     monitor_y = torch.from_numpy(labels[sample]).to(device)
+    held_out_teacher = distiller.teacher_embeddings(held_out.pixels_nhwc) if distiller and held_out else None
     checkpoint = output.parent / f"{output.stem}.ckpt" / "last.safetensors"
     start_epoch, history = 0, []
     if checkpoint.is_file():
-        meta = _load_checkpoint(checkpoint, model, head, optimizer)
+        meta = _load_checkpoint(checkpoint, trained, optimizer)
         if not _same_settings(meta.get("train_config"), cfg):
             raise FactoryError(
                 f"checkpoint {checkpoint} was made with other training settings; delete it to start over"
@@ -254,45 +283,67 @@ def train(
         if cfg.loss == "triplet":
             batches = identity_pair_batches(labels, cfg.batch_size // 2, rng)
         else:
-            order = rng.permutation(len(items))
+            order = rng.permutation(len(images))
             batches = [order[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(steps_per_epoch)]
-        model.train()
-        head.train()
-        running, seen = 0.0, 0
+        for module in trained.values():
+            module.train()
+        sums: dict[str, float] = {}
+        seen = 0
         progress = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, mininterval=5)
         for batch_index in progress:
             step = epoch * steps_per_epoch + batch_index
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(step, total_steps, cfg.warmup_steps, cfg.learning_rate)
             index = batches[batch_index]
-            batch = _augment(images[index], rng, cfg.max_shift)
+            views = None
+            if cfg.augmentation == "strong":
+                views = rng.integers(0, cfg.distill.cached_views if distiller and distiller.cached else 1 << 62,
+                                     size=len(index))
+                batch = strong_views(images[index], _keys(distiller, images, index), views, cfg.seed)
+            else:
+                batch = basic_batch(images[index], rng, cfg.max_shift)
             x = torch.from_numpy(to_input_tensor(batch, spec.mean, spec.std, "NCHW", spec.color_order))
             x = x.to(device, memory_format=memory_format)
             y = torch.from_numpy(labels[index]).to(device)
+            embeddings = model(x)
+            parts: dict[str, torch.Tensor] = {}
             if cfg.loss == "triplet":
-                loss = triplet_loss(model(x), y, cfg.triplet_margin)
+                parts["label"] = triplet_loss(embeddings, y, cfg.triplet_margin)
             else:
-                loss = F.cross_entropy(head(model(x), y), y)
+                known = y >= 0
+                parts["label"] = F.cross_entropy(head(embeddings[known], y[known]), y[known])
+            loss = parts["label"]
+            if distiller is not None:
+                parts.update(distiller.losses(embeddings, distiller.targets(index, views, batch)))
+                loss = cfg.distill.label_weight * parts["label"] + distiller.total(parts)
+            parts["total"] = loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            running += loss.item() * len(index)
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + value.item() * len(index)
             seen += len(index)
-            progress.set_postfix(loss=f"{running / seen:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}")
+            progress.set_postfix(loss=f"{sums['total'] / seen:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}")
         elapsed = time.perf_counter() - started
-        history.append({"epoch": epoch + 1, "loss": running / seen, "elapsed_s": round(elapsed, 1)})
+        record: dict = {"epoch": epoch + 1, "loss": sums["total"] / seen, "elapsed_s": round(elapsed, 1)}
+        if distiller is not None:
+            record["losses"] = {key: round(value / seen, 5) for key, value in sums.items() if key != "total"}
+        history.append(record)
         monitor_started = time.perf_counter()
-        history[-1]["monitor"] = _monitor(model, head, monitor_x, monitor_y)
+        record["monitor"] = _monitor(model, head, monitor_x, monitor_y)
+        if held_out is not None:
+            record["held_out"] = _score_held_out(recipe, model, held_out, distiller, held_out_teacher, device)
         started += time.perf_counter() - monitor_started  # elapsed_s counts training only
         if evaluate is not None and evaluate_every_epoch:
             scoring_started = time.perf_counter()
-            history[-1]["evaluation"] = evaluate(copy.deepcopy(model).cpu().eval())
+            record["evaluation"] = evaluate(copy.deepcopy(model).cpu().eval())
             started += time.perf_counter() - scoring_started  # elapsed_s counts training only
-            log(f"epoch {epoch + 1} evaluation: {history[-1]['evaluation']}")
-        _save_checkpoint(checkpoint, model, head, optimizer,
+            log(f"epoch {epoch + 1} evaluation: {record['evaluation']}")
+        _save_checkpoint(checkpoint, trained, optimizer,
                          {"epoch": epoch + 1, "history": history, "train_config": asdict(cfg)})
-        watch = ", ".join(f"{key} {value}" for key, value in history[-1]["monitor"].items())
-        log(f"epoch {epoch + 1}/{cfg.epochs}: loss {running / seen:.4f} ({elapsed / 60:.1f} min); {watch}")
+        watch = ", ".join(f"{key} {value}" for key, value in {**record.get("losses", {}), **record["monitor"],
+                                                               **record.get("held_out", {})}.items())
+        log(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f} ({elapsed / 60:.1f} min); {watch}")
 
     model.eval()
     summary = {
@@ -300,11 +351,14 @@ def train(
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "images": len(items),
         "identities": len(labels_text),
+        "unlabelled_images": len(unlabelled),
         "epochs": cfg.epochs,
         "train_config": asdict(cfg),
         "history": history,
         "wall_time_s": history[-1]["elapsed_s"] if history else 0.0,
     }
+    if distiller is not None:
+        summary["teachers"] = {name: teacher.digest for name, teacher in distiller.teachers.items()}
     final = _monitor(model, head, monitor_x, monitor_y)
     summary["monitor"] = final
     if final["embedding_cosine_mean"] > COLLAPSED_COSINE:
@@ -320,3 +374,30 @@ def train(
     with atomic_path(output.with_suffix(".train.json")) as tmp:
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _keys(distiller: Distiller | None, images: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Stable per-face keys of the strong views (content digests; computed on the fly without a distiller)."""
+    if distiller is not None:
+        return distiller.keys[index]
+    from factory.teachers.cache import face_digests
+
+    return face_keys(face_digests(images[index]))
+
+
+def _score_held_out(recipe: Recipe, model: nn.Module, held_out: EvaluationSet, distiller: Distiller | None,
+                    teacher: dict[str, np.ndarray] | None, device: str) -> dict[str, float]:
+    """Verification accuracy on the held-out pairs and the student-teacher cosine on their faces."""
+    spec = recipe.model.input
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        pixels = to_input_tensor(held_out.pixels_nhwc, spec.mean, spec.std, "NCHW", spec.color_order)
+        embeddings = torch.cat([model(torch.from_numpy(pixels[i : i + 256]).to(device))
+                                for i in range(0, len(pixels), 256)])
+    model.train(was_training)
+    result = held_out.verification(F.normalize(embeddings, dim=1).cpu().numpy())
+    scores = {"held_out_accuracy": round(float(result["accuracy"]), 4), "held_out_pairs": len(held_out.pairs)}
+    if distiller is not None and teacher is not None:
+        scores.update({f"cosine_to_{name}": value for name, value in distiller.agreement(embeddings, teacher).items()})
+    return scores

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import FACES, TinyFaceNet, settle_batchnorm
+from helpers import FACES, Server, TinyFaceNet, settle_batchnorm
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +30,12 @@ def faces_root() -> Path:
 def tiny_backbone() -> torch.nn.Module:
     torch.manual_seed(0)
     return settle_batchnorm(TinyFaceNet(), torch.randn(32, 3, 112, 112))
+
+
+@pytest.fixture()
+def server() -> Iterator[Server]:
+    """An HTTP server on 127.0.0.1 serving `server.files` (downloads are tested against it, never the internet)."""
+    running = Server()
+    yield running
+    running.httpd.shutdown()
+    running.httpd.server_close()

@@ -3,66 +3,15 @@
 import hashlib
 import io
 import tarfile
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from helpers import Server
 
 from factory.errors import FactoryError
 from factory.fetch import RemoteFile, download, extract
 
 PAYLOAD = bytes(range(256)) * 4000  # about 1 MB
-
-
-class Server:
-    """Serves `files`; `cut_once` names files whose first response stops half way."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.cut_once: set[str] = set()
-        self.requests: list[tuple[str, str | None]] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                name = self.path.lstrip("/")
-                server.requests.append((name, self.headers.get("Range")))
-                if name not in server.files:
-                    self.send_error(404)
-                    return
-                body, start = server.files[name], 0
-                if self.headers.get("Range"):
-                    start = int(self.headers["Range"].split("=")[1].split("-")[0])
-                    self.send_response(206)
-                else:
-                    self.send_response(200)
-                self.send_header("Content-Length", str(len(body) - start))
-                self.end_headers()
-                if name in server.cut_once:
-                    server.cut_once.discard(name)
-                    self.wfile.write(body[start : start + (len(body) - start) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                self.wfile.write(body[start:])
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-
-@pytest.fixture()
-def server() -> Iterator[Server]:
-    running = Server()
-    yield running
-    running.httpd.shutdown()
-    running.httpd.server_close()
 
 
 def remote(name: str, data: bytes) -> RemoteFile:
