@@ -11,6 +11,8 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e ".[dev]"
 	# MTCNN's pretrained weights: read from this wheel's files, never installed or imported.
 	$(VENV)/bin/pip download --quiet --disable-pip-version-check --no-deps --dest .cache facenet-pytorch==2.6.0
+	# dlib's face models (CC0; the dlib_resnet_v1 teacher): read from this sdist, never installed.
+	$(VENV)/bin/pip download --quiet --disable-pip-version-check --no-deps --dest .cache face_recognition_models==0.3.0
 	touch $@
 
 # The device lab's tests drive the real adb client (against simulated phones); Debian ships it.

@@ -65,9 +65,26 @@ def tool_versions() -> dict[str, str]:
 
 
 def load_backbone(recipe: Recipe) -> torch.nn.Module:
-    """The recipe's architecture with its trained safetensors weights, in eval mode."""
+    """The recipe's architecture with its weights, in eval mode: the trained safetensors file of `weights.path`,
+    or, for an architecture imported with its pretrained weights, the ones its builder converts."""
     model = create_model(recipe.model.architecture, **recipe.model.builder_kwargs())
+    if model_entry(recipe.model.architecture).imported is not None:
+        return model.eval()
     return load_weights(model, recipe.resolve(recipe.weights.path), recipe.weights.sha256)
+
+
+def weights_provenance(recipe: Recipe) -> dict[str, Any]:
+    """Where the recipe's weights come from, for the report: the trained file's sha256 and training log, or the
+    imported source (repository, licence, training data, sha256 of each source file)."""
+    imported = model_entry(recipe.model.architecture).imported
+    if imported is None:
+        path = recipe.resolve(recipe.weights.path)
+        return {"weights_sha256": sha256_of(path), "training": training_summary(path)}
+    return {"weights_sha256": None, "training": None, "imported": {
+        "source": imported.source, "licence": imported.licence, "training_data": imported.training_data,
+        "input_normalisation": imported.input_normalisation,
+        "files": {path.name: sha256_of(path) for path in imported.files()},
+    }}
 
 
 def load_calibration(recipe: Recipe, excluded: set[Path]) -> tuple[np.ndarray, list[Path]]:
@@ -190,6 +207,7 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
                 precision=precision, calibration=calibration,
                 output=out / f"{recipe.name}_{precision}{target.suffix}", stages=log,
                 observer=recipe.data.calibration.observer,
+                w8_keep_float16_up_to=target_cfg.w8_keep_float16_up_to,
             )
             artifact = target.compile(request)
             artifact.quantization = request.describe_quantization(artifact.quantization)
@@ -315,8 +333,7 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
             "paper_numbers_at": entry_info.paper_kwargs,
             "params": count_parameters(backbone),
             "macs": count_macs(backbone, (1, 3, spec.size, spec.size)),
-            "weights_sha256": sha256_of(recipe.resolve(recipe.weights.path)),
-            "training": training_summary(recipe.resolve(recipe.weights.path)),
+            **weights_provenance(recipe),
             "input": {"size": spec.size, "color_order": spec.color_order, "mean": spec.mean, "std": spec.std},
         },
         "evaluation": {
@@ -378,6 +395,9 @@ def _io(artifact: CompiledArtifact) -> dict[str, Any]:
 
 def _manifest(recipe: Recipe, report: dict[str, Any]) -> dict[str, Any]:
     spec = recipe.model.input
+    imported = report["model"].get("imported")
+    normalisation = (f"(pixel - {spec.mean}) / {spec.std}" if imported is None or not imported["input_normalisation"]
+                     else imported["input_normalisation"])
     return {
         "schema_version": 1,
         "recipe": recipe.name,
@@ -389,7 +409,7 @@ def _manifest(recipe: Recipe, report: dict[str, Any]) -> dict[str, Any]:
             "input_size": spec.size,
             "color_order": spec.color_order,
             "pixel_range": [0, 255],
-            "normalisation_in_model": f"(pixel - {spec.mean}) / {spec.std}, applied inside every artifact",
+            "normalisation_in_model": f"{normalisation}, applied inside every artifact",
             "mean": spec.mean,
             "std": spec.std,
         },
@@ -404,7 +424,9 @@ def _manifest(recipe: Recipe, report: dict[str, Any]) -> dict[str, Any]:
                                      "io", "verified_by", "status")}
             for a in report["artifacts"]
         ],
-        "weights": {"path": recipe.weights.path, "sha256": report["model"]["weights_sha256"]},
+        "weights": ({"path": recipe.weights.path, "sha256": report["model"]["weights_sha256"]} if imported is None
+                    else {"imported_from": imported["source"], "licence": imported["licence"],
+                          "source_files_sha256": imported["files"]}),
         "tools": tool_versions(),
         "resolved_recipe": recipe.to_dict(),
     }

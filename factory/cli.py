@@ -1,4 +1,4 @@
-"""Command line: `python -m factory {validate,list,train,curve,eval,data,build,compare} ...`."""
+"""Command line: `python -m factory {validate,list,train,curve,eval,data,teacher,build,compare,results} ...`."""
 
 from __future__ import annotations
 
@@ -44,13 +44,15 @@ def _recipe_lines(recipes_dir: Path, reports_dir: Path) -> list[str]:
         except FactoryError as error:
             lines.append(f"  {path.stem:<22} invalid: {str(error).splitlines()[0]}")
             continue
-        paper = model_entry(recipe.model.architecture).paper_numbers.get("lfw_accuracy")
-        files = [recipe.weights.path]
+        entry = model_entry(recipe.model.architecture)
+        paper = entry.paper_numbers.get("lfw_accuracy")
+        files = [recipe.weights.path] if recipe.weights is not None else []
         if recipe.pipeline is not None:
             files.append(recipe.pipeline.detector.weights.path)
             if recipe.pipeline.normaliser is not None:
                 files.append(recipe.pipeline.normaliser.weights.path)
-        weights = "weights ok" if all(recipe.resolve(f).is_file() for f in files) else "NO WEIGHTS"
+        present = all(recipe.resolve(f).is_file() for f in files)  # an imported model's files: checked by load
+        weights = ("imported" if entry.imported is not None else "weights ok") if present else "NO WEIGHTS"
         report = reports_dir / recipe.name / "report.json"
         if report.is_file():
             built = json.loads(report.read_text())
@@ -87,12 +89,19 @@ def _list(args: argparse.Namespace) -> int:
         if entry.paper_kwargs:  # the paper's figures describe another build than the default one
             numbers += " (at " + ", ".join(f"{k}={v}" for k, v in entry.paper_kwargs.items()) + ")"
         print(f"  {name:<22} {entry.paper:<20} paper: {numbers}")
+        if entry.imported is not None:
+            imported = entry.imported
+            print(f"  {'':<22} imported with pretrained weights ({imported.licence}) from {imported.source}")
     print("targets:")
     for name in target_names():
         target = get_target(name)
         note = target.host_support() or "runs on this host"
         print(f"  {name:<16} {target.suffix:<12} precisions: {', '.join(target.precisions):<12} {note}")
     return 0
+
+
+# Pairs of the evaluation set scored after every training epoch (fold-balanced; the full set after training).
+HELD_OUT_PAIRS = 1200
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -127,12 +136,18 @@ def _train(args: argparse.Namespace) -> int:
         print(f"normaliser weights written to {output} ({summary['wall_time_s'] / 60:.1f} min on "
               f"{summary['device']})")
         return 0
+    if recipe.weights is None:
+        raise FactoryError(f"{args.recipe}: {recipe.model.architecture} is imported with its pretrained weights, so "
+                           "there is nothing to train; build it with `python -m factory build`")
     output = Path(args.output) if args.output else recipe.resolve(recipe.weights.path)
 
-    def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        return pair_scorer(recipe, load_evaluation_set(recipe))(model)
+    evaluation = load_evaluation_set(recipe)
 
-    summary = train(recipe, output, device=args.device, evaluate=evaluate)
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        return pair_scorer(recipe, evaluation)(model)
+
+    held_out, _ = evaluation.subset(HELD_OUT_PAIRS)  # scored after every epoch
+    summary = train(recipe, output, device=args.device, evaluate=evaluate, held_out=held_out)
     print(f"weights written to {output} ({summary['wall_time_s'] / 60:.1f} min on {summary['device']})")
     return 0
 
@@ -232,6 +247,77 @@ def _data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _teacher_list(args: argparse.Namespace) -> int:
+    from factory.teachers import teacher_entry, teacher_names
+
+    for name in teacher_names():
+        entry = teacher_entry(name)
+        print(f"  {name:<22} {entry.embedding_size}-D  published LFW {100 * entry.published_lfw:.2f}%  "
+              f"LFW-identity-free: {'yes' if entry.lfw_identity_free else 'no'}  licence: {entry.licence}")
+    return 0
+
+
+def _teacher_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from factory.teachers import load_teacher
+    from factory.teachers.evaluate import DEFAULT_PAIRS, evaluate_teacher
+
+    pairs = Path(args.pairs) if args.pairs else DEFAULT_PAIRS
+    result = evaluate_teacher(load_teacher(args.name, device=args.device), pairs,
+                              Path(args.images) if args.images else None, args.max_pairs)
+    tar = result.tar_at_far_1e_3
+    print(f"{result.teacher}: accuracy {100 * result.accuracy:.2f}% ± {100 * result.accuracy_std:.2f} on "
+          f"{result.pairs} pairs of {pairs} (10-fold); TAR@FAR=1e-3 {'n/a' if tar is None else f'{100 * tar:.2f}%'}; "
+          f"threshold {result.threshold:.4f}; {1000 * result.seconds_per_face:.0f} ms per face")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    return 0
+
+
+def _teacher_fit_dlib_chip(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from factory.teachers.dlib_chip import CROP_TO_CHIP, raw_sample_alignments, summarise_fit
+    from factory.teachers.dlib_resnet import chip_agreement, load
+    from factory.teachers.evaluate import SHARED_FACES
+
+    alignments, skipped = raw_sample_alignments(Path(args.data_root) if args.data_root else SHARED_FACES, args.limit)
+    fit = summarise_fit(alignments, skipped)
+    print(f"fitted on {fit.photos} photos (skipped: "
+          f"{', '.join(f'{len(paths)} {reason}' for reason, paths in fit.skipped.items()) or 'none'})")
+    print("crop -> chip affine:", np.array2string(fit.matrix, precision=4, suppress_small=True, separator=", "))
+    print(f"residual over the crop grid: RMS {fit.grid_rms:.2f} chip px (per-photo RMS p95 {fit.grid_rms_p95:.2f}); "
+          f"dlib's landmarks: mean error {fit.landmark_error_mean:.2f} chip px (p95 {fit.landmark_error_p95:.2f})")
+    print(f"moves crop points by up to {fit.displacement_from:.2f} chip px from the CROP_TO_CHIP in use:",
+          np.array2string(CROP_TO_CHIP, precision=4, suppress_small=True, separator=", "))
+    teacher = load()
+    for label, matrix in (("fitted", fit.matrix), ("in use", CROP_TO_CHIP)):
+        cosine = chip_agreement(teacher, alignments, matrix)
+        print(f"embedding of the warped reference crop against dlib's own chip, {label}: mean cosine "
+              f"{cosine.mean():.4f} (p5 {np.percentile(cosine, 5):.4f}, {len(cosine)} photos)")
+    return 0
+
+
+def _teacher_fetch(args: argparse.Namespace) -> int:
+    from factory.teachers import mobileface
+
+    folder = mobileface.fetch(Path(args.dest) if args.dest else None, mirror=args.mirror)
+    where = "the factory finds them there" if args.dest is None else f"set FACTORY_MODELS={folder.parent} to use them"
+    print(f"MobileFace V2 files verified in {folder}; {where}")
+    return 0
+
+
+def _results(args: argparse.Namespace) -> int:
+    from factory.io import write_text_atomic
+    from factory.results import render_results, results_rows
+
+    out = Path(args.out)
+    write_text_atomic(out, render_results(results_rows(Path(args.recipes), Path(args.reports))))
+    print(f"results table written to {out}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m factory", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -295,6 +381,39 @@ def make_parser() -> argparse.ArgumentParser:
                                       "without local data look)")
     fetch.add_argument("--mirror", help="base URL of a mirror serving the same file names")
     fetch.set_defaults(handler=_data_fetch)
+
+    teacher = commands.add_parser("teacher", help="pretrained teacher networks: list, evaluate, align")
+    teacher_commands = teacher.add_subparsers(dest="teacher_command", required=True)
+    teacher_list = teacher_commands.add_parser("list", help="registered teachers")
+    teacher_list.set_defaults(handler=_teacher_list)
+    teacher_eval = teacher_commands.add_parser("eval", help="10-fold verification accuracy of a teacher")
+    teacher_eval.add_argument("name", help="registered teacher (see `teacher list`)")
+    teacher_eval.add_argument("--pairs", help="pair list: LFW pairs.txt, 'path_a path_b same' lines, or .bin "
+                                              "(default: ../shared/data/faces/lfw/pairs.txt)")
+    teacher_eval.add_argument("--images",
+                              help="image root of --pairs (default: its folder's aligned/, else its folder)")
+    teacher_eval.add_argument("--max-pairs", type=int, help="a fold-balanced subset of about this many pairs")
+    teacher_eval.add_argument("--device", default="cpu", help="where a PyTorch teacher runs (default: cpu)")
+    teacher_eval.add_argument("--json", help="also write the result as JSON here")
+    teacher_eval.set_defaults(handler=_teacher_eval)
+    fit_chip = teacher_commands.add_parser(
+        "fit-dlib-chip", help="fit the 112 crop -> dlib 150 chip affine on raw photos (dlib detector + 5 points)")
+    fit_chip.add_argument("--data-root", help="face folder holding raw-samples/ (default: ../shared/data/faces)")
+    fit_chip.add_argument("--limit", type=int, help="use only the first N photos")
+    fit_chip.set_defaults(handler=_teacher_fit_dlib_chip)
+    teacher_fetch = teacher_commands.add_parser(
+        "fetch", help="download MobileFace V2's files from its public repository (pinned commit, sha256-checked)")
+    teacher_fetch.add_argument("name", choices=("mobileface_v2",))
+    teacher_fetch.add_argument("--dest", help="models folder; the files go to DEST/mobileface_v2/ (default: the "
+                                              "download cache, where the factory looks without further setting)")
+    teacher_fetch.add_argument("--mirror", help="base URL of a mirror serving the same file names")
+    teacher_fetch.set_defaults(handler=_teacher_fetch)
+
+    results = commands.add_parser("results", help="write the results table of the shipped recipes from their reports")
+    results.add_argument("--recipes", default="recipes", help="folder of recipe files (default: recipes)")
+    results.add_argument("--reports", default="reports", help="folder of build reports (default: reports)")
+    results.add_argument("--out", default="docs/results.md", help="where the table goes (default: docs/results.md)")
+    results.set_defaults(handler=_results)
 
     half = commands.add_parser("weights-float16", help="store a weights file's float32 tensors as float16 (half size)")
     half.add_argument("weights", help="a safetensors weights file, rewritten in place")

@@ -150,7 +150,8 @@ def render_markdown(title: str, summary: dict[str, Any], figure: str | None, sou
         lines += ["", f"![accuracy against cost]({figure})"]
     lines += ["", "## Builds compared", "", "| recipe | built | weights sha256 | training |", "|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['recipe']} | {r['created']} | `{r['weights_sha256'][:16]}…` | {_training(r['training'])} |")
+        weights = f"`{r['weights_sha256'][:16]}…`" if r["weights_sha256"] else "imported, pretrained"
+        lines.append(f"| {r['recipe']} | {r['created']} | {weights} | {_training(r['training'])} |")
     return "\n".join(lines) + "\n"
 
 

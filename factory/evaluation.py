@@ -89,7 +89,13 @@ def load_evaluation_set(recipe: Recipe) -> EvaluationSet:
 
 def load_pair_set(recipe: Recipe, pairs_file: str, images: str, max_pairs: int | None = None) -> EvaluationSet:
     """Read a pairs file (LFW format, simple list or insightface .bin) under the data root, with its images."""
-    pairs_path = data_path(recipe, pairs_file)
+    return read_pair_set(data_path(recipe, pairs_file), data_path(recipe, images), recipe.model.input.size,
+                         max_pairs, recipe.model.input.color_order)
+
+
+def read_pair_set(pairs_path: Path, image_root: Path, size: int, max_pairs: int | None = None,
+                  color_order: str = "RGB") -> EvaluationSet:
+    """Read a pairs file (LFW format, simple list or insightface .bin) with its images, `size` x `size` pixels."""
     encoded: dict[Path, bytes] = {}
     if pairs_path.suffix == ".bin":
         blobs, flags = read_insightface_bin(pairs_path)
@@ -98,14 +104,13 @@ def load_pair_set(recipe: Recipe, pairs_file: str, images: str, max_pairs: int |
         pairs = [Pair(keys[2 * i], keys[2 * i + 1], bool(flag), i * FOLDS // len(flags))
                  for i, flag in enumerate(flags)]
     else:
-        pairs = read_pairs(pairs_path, data_path(recipe, images))
+        pairs = read_pairs(pairs_path, image_root)
     if max_pairs is not None:
         pairs = subsample_pairs(pairs, max_pairs)
     paths = unique_pair_images(pairs)
     position = {path: i for i, path in enumerate(paths)}
-    size = recipe.model.input.size
     pixels = decode_images([encoded[p] for p in paths], size, pairs_path) if encoded else load_images(paths, size)
-    if recipe.model.input.color_order == "BGR":
+    if color_order == "BGR":
         pixels = np.ascontiguousarray(pixels[..., ::-1])
     return EvaluationSet(
         pairs=pairs,
@@ -145,7 +150,8 @@ def evaluate(recipe: Recipe, artifact: Path | None = None, flip: bool = False) -
     spec = recipe.model.input
     if artifact is None:
         model = Embedder(load_backbone(recipe), spec.mean, spec.std, recipe.model.embedding_size).eval()
-        layout, subject = "NCHW", f"PyTorch fp32 ({recipe.weights.path})"
+        weights = recipe.weights.path if recipe.weights is not None else "imported pretrained weights"
+        layout, subject = "NCHW", f"PyTorch fp32 ({weights})"
 
         def embed(pixels: np.ndarray) -> np.ndarray:
             return torch_embeddings(model, pixels)

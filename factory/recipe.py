@@ -183,10 +183,17 @@ class DataConfig:
 
 @dataclass
 class TargetConfig:
-    """One mobile runtime and the precisions to produce for it."""
+    """One mobile runtime and the precisions to produce for it.
+
+    `w8_keep_float16_up_to`: w8 (weight-only int8) leaves weight tensors of at most this many elements in
+    float16 (coremltools' `weight_threshold`); 0 stores every weight as int8. Small tensors (3x3 depthwise
+    kernels, narrow 1x1 convolutions) cost little to keep, and batch norm folded into them can make their
+    per-channel int8 steps coarse.
+    """
 
     format: Format
     precisions: list[Precision]
+    w8_keep_float16_up_to: int = 0
 
 
 @dataclass
@@ -338,13 +345,17 @@ class PipelineConfig:
 
 @dataclass
 class Recipe:
-    """A whole recipe. `path` is the recipe file (set by the loader, not written in YAML)."""
+    """A whole recipe. `path` is the recipe file (set by the loader, not written in YAML).
+
+    `weights` is required, except for an architecture imported with its pretrained weights (the registry's
+    `ImportedWeights`), which takes none.
+    """
 
     name: str
     model: ModelConfig
-    weights: WeightsConfig
     data: DataConfig
     targets: list[TargetConfig]
+    weights: WeightsConfig | None = None
     train: TrainConfig | None = None
     gates: dict[Precision, GateConfig] = field(default_factory=_default_gates)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
@@ -451,6 +462,8 @@ def _check_rules(recipe: Recipe, problems: list[str]) -> None:
     if recipe.model.architecture not in model_names():
         problems.append(f"model.architecture: {recipe.model.architecture!r} is not registered; "
                         f"registered: {', '.join(model_names())}")
+    else:
+        _check_weights_source(recipe, problems)
     spec = recipe.model.input
     for key, values in (("mean", spec.mean), ("std", spec.std)):
         if len(values) != 3:
@@ -476,6 +489,9 @@ def _check_rules(recipe: Recipe, problems: list[str]) -> None:
                             f"{precision!r}; supported: {', '.join(supported)}")
         if not target.precisions:
             problems.append(f"targets[{index}].precisions: list at least one precision")
+        if target.w8_keep_float16_up_to < 0 or (target.w8_keep_float16_up_to and "w8" not in target.precisions):
+            problems.append(f"targets[{index}].w8_keep_float16_up_to: a count of 0 or more, for a target that "
+                            f"builds w8; got {target.w8_keep_float16_up_to} with precisions {target.precisions}")
     calibration = recipe.data.calibration
     if calibration.count < MIN_CALIBRATION_FACES and not calibration.allow_fewer_than_300:
         problems.append(f"data.calibration.count: {calibration.count} is fewer than {MIN_CALIBRATION_FACES} real "
@@ -568,9 +584,34 @@ def _check_rules(recipe: Recipe, problems: list[str]) -> None:
             if not encoder.is_file():
                 problems.append(f"pipeline.normaliser.encoder.path: file not found: {encoder} (the trained "
                                 "MobileFaceNet: `python -m factory train recipes/mobilefacenet.yaml`)")
-    weights = recipe.resolve(recipe.weights.path)
-    if not weights.is_file() and recipe.train is None:
+    weights = recipe.resolve(recipe.weights.path) if recipe.weights is not None else None
+    if weights is not None and not weights.is_file() and recipe.train is None:
         problems.append(f"weights.path: file not found: {weights}, and there is no 'train' section to make it")
+
+
+def _check_weights_source(recipe: Recipe, problems: list[str]) -> None:
+    """Trained architectures need `weights`; imported ones bring theirs and need their source files."""
+    from factory.models import model_entry
+
+    architecture = recipe.model.architecture
+    imported = model_entry(architecture).imported
+    if imported is None:
+        if recipe.weights is None:
+            problems.append("weights: required key is missing (only architectures imported with their pretrained "
+                            "weights take none)")
+        return
+    for key, section in (("weights", recipe.weights), ("train", recipe.train)):
+        if section is not None:
+            problems.append(f"{key}: {architecture} is imported with its pretrained weights ({imported.source}), "
+                            f"so it is neither trained nor loaded from a file here; remove the {key} section")
+    spec = recipe.model.input
+    if imported.input_normalisation is not None and (any(spec.mean) or any(s != 1 for s in spec.std)):
+        problems.append(f"model.input: {architecture} normalises its input itself ({imported.input_normalisation}); "
+                        "set mean: [0, 0, 0] and std: [1, 1, 1] so that no pixel is normalised twice")
+    try:
+        imported.files()
+    except FactoryError as error:
+        problems.append(f"model.architecture: {error}")
 
 
 def _check_distill(recipe: Recipe, problems: list[str]) -> None:

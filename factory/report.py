@@ -45,14 +45,14 @@ def render_markdown(report: dict[str, Any], figures: dict[str, str] | None = Non
         f"- Architecture: `{model['architecture']}` ({model['paper']}).",
         f"- Parameters: {model['params'] / 1e6:.3f} M (paper {paper.get('params_m', '—')} M); "
         f"multiply-adds: {model['macs'] / 1e6:.1f} M (paper {paper.get('macs_m', '—')} M){at}.",
-        f"- Weights sha256: `{model['weights_sha256']}`.",
+        *render_weights_lines(model),
         *_training_lines(model.get("training")),
         "",
         "## Input and output (all artifacts)",
         "",
         f"- Input: an aligned {model['input']['color_order']} face (5-point similarity transform onto the ArcFace "
         f"{model['input']['size']}x{model['input']['size']} template), float32 pixel values in [0, 255]. "
-        f"Normalisation `(pixel - {model['input']['mean']}) / {model['input']['std']}` runs inside the model; "
+        f"Normalisation `{_normalisation(model)}` runs inside the model; "
         "the layout per artifact is in the table below.",
         "- Output: float32 embedding, L2-normalised: the dot product of two embeddings is their cosine "
         f"similarity. Same person when the similarity exceeds the threshold (reference: {_fmt(ref['threshold'])}).",
@@ -73,7 +73,7 @@ def render_markdown(report: dict[str, Any], figures: dict[str, str] | None = Non
         "## Parity with the PyTorch fp32 reference",
         "",
         f"Held-out faces: {ev['parity_images']} images of {ev['pairs']} pairs from `{ev['pairs_file']}` "
-        f"(identities absent from training and calibration); calibration used {ev['calibration_faces']} other "
+        f"({_held_out_note(model)}); calibration used {ev['calibration_faces']} other "
         f"faces{_observer_note(ev)}. Verification protocol: {ev['protocol']}.",
         "",
         f"Reference ({ref['framework']}): LFW accuracy **{_pct(ref['lfw_accuracy'])}** ± "
@@ -317,6 +317,32 @@ def _end_to_end_lines(section: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def render_weights_lines(model: dict[str, Any]) -> list[str]:
+    """Which weights were built: the trained file's sha256, or where imported pretrained weights came from."""
+    imported = model.get("imported")
+    if imported is None:
+        return [f"- Weights sha256: `{model['weights_sha256']}`."]
+    files = ", ".join(f"`{name}` sha256 `{digest}`" for name, digest in imported["files"].items())
+    return [f"- Weights: imported with the architecture from {imported['source']} ({imported['licence']} licence), "
+            f"converted from the source files at build time (not stored here): {files}.",
+            f"- Training data: {imported['training_data']}. Not trained here; the LFW numbers below may be "
+            "flattered by identities the network saw in training."]
+
+
+def _held_out_note(model: dict[str, Any]) -> str:
+    if model.get("imported") is not None:
+        return ("identities absent from the calibration faces; the imported weights' own training data is not "
+                "held out by this factory")
+    return "identities absent from training and calibration"
+
+
+def _normalisation(model: dict[str, Any]) -> str:
+    imported = model.get("imported")
+    if imported is not None and imported["input_normalisation"]:
+        return imported["input_normalisation"]
+    return f"(pixel - {model['input']['mean']}) / {model['input']['std']}"
+
+
 def _training_lines(training: dict[str, Any] | None) -> list[str]:
     """One line on how the weights were trained, from `factory train`'s metadata in the weights file."""
     if not training:
@@ -327,9 +353,33 @@ def _training_lines(training: dict[str, Any] | None) -> list[str]:
               "triplet": f"triplet loss (margin {cfg.get('triplet_margin')}, online semi-hard selection)",
               }.get(loss, loss)
     used = " (triplet batches draw on its identities with two or more images)" if loss == "triplet" else ""
-    return [f"- Trained here with {detail}: {training.get('epochs')} epochs on `{cfg.get('split')}`, "
-            f"{training.get('images')} images of {training.get('identities')} identities{used}; "
-            f"{training.get('wall_time_s', 0) / 60:.0f} min on {training.get('device')}."]
+    lines = [f"- Trained here with {detail}: {training.get('epochs')} epochs on `{cfg.get('split')}`, "
+             f"{training.get('images')} images of {training.get('identities')} identities{used}; "
+             f"{training.get('wall_time_s', 0) / 60:.0f} min on {training.get('device')}."]
+    if cfg.get("init_from"):
+        lines.append(f"- Started from the weights `{Path(cfg['init_from']).name}`, not from a random initialisation "
+                     "(their own training log sits next to them).")
+    return lines + _distillation_lines(cfg.get("distill"), training.get("teachers") or {})
+
+
+def _distillation_lines(distill: dict[str, Any] | None, teachers: dict[str, Any]) -> list[str]:
+    """Which teachers taught the model, their licences and training data, and what that means for LFW."""
+    if not distill:
+        return []
+    lines = [f"- Distilled from {', '.join(distill['teachers'])} (loss: {distill.get('label_weight')} x label + "
+             f"{distill.get('cosine_weight')} x projected cosine + {distill.get('relational_weight')} x relational; "
+             f"teacher outputs {distill.get('teacher_outputs')}):"]
+    for name in distill["teachers"]:
+        card = teachers.get(name) or {}
+        lines.append(f"  - {name}: {card.get('licence', '?')} licence, weights sha256 {str(card.get('digest'))[:16]}…; "
+                     f"trained on {card.get('provenance', 'unknown data')}; source {card.get('source', '?')}.")
+    free = all((teachers.get(name) or {}).get("lfw_identity_free") for name in distill["teachers"])
+    lines.append("  - LFW exposure: " + (
+        "none: every teacher was trained on data chosen to exclude LFW identities, and the student's own training "
+        "split holds no LFW test identity, so the LFW score is a clean held-out number." if free else
+        "possible: a teacher's training data may include LFW identities, so the LFW score may be optimistic; "
+        "a dlib-only student gives the clean number."))
+    return lines
 
 
 def _macos_for(ios: str) -> str:

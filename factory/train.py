@@ -35,6 +35,7 @@ from factory.io import atomic_path
 from factory.losses import SoftmaxHead, identity_pair_batches, triplet_loss, triplet_steps_per_epoch
 from factory.models import create_model, model_entry
 from factory.recipe import Recipe, TrainConfig, data_path
+from factory.teachers import teacher_card
 from factory.teachers.cache import cache_root
 from factory.weights import load_weights, save_weights
 
@@ -358,7 +359,7 @@ def train(
         "wall_time_s": history[-1]["elapsed_s"] if history else 0.0,
     }
     if distiller is not None:
-        summary["teachers"] = {name: teacher.digest for name, teacher in distiller.teachers.items()}
+        summary["teachers"] = {name: teacher_card(name, teacher.digest) for name, teacher in distiller.teachers.items()}
     final = _monitor(model, head, monitor_x, monitor_y)
     summary["monitor"] = final
     if final["embedding_cosine_mean"] > COLLAPSED_COSINE:

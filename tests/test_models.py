@@ -1,3 +1,5 @@
+import inspect
+
 import pytest
 import torch
 
@@ -6,16 +8,19 @@ from factory.profile import count_macs, count_parameters
 
 # Registered models whose publications give no parameter or MAC figures this project could quote; each says
 # so in its module docstring and pins its computed figures in a test of its own below.
-WITHOUT_PAPER_FIGURES = {"lefv"}
+WITHOUT_PAPER_FIGURES = {"lefv", "mobileface_v2"}
 WITH_PAPER_FIGURES = [name for name in model_names() if name not in WITHOUT_PAPER_FIGURES]
 
 
 @pytest.mark.parametrize("name", model_names())
 def test_every_registered_model_embeds_a_batch(name: str) -> None:
+    # 128-D for the architectures trained here; an imported one's weights fix its own width (its builder default).
+    width = inspect.signature(model_entry(name).builder).parameters["embedding_size"].default
     model = create_model(name).eval()
     with torch.no_grad():
         out = model(torch.randn(2, 3, 112, 112))
-    assert out.shape == (2, 128)
+    assert out.shape == (2, width)
+    assert width == 128 or model_entry(name).imported is not None
     assert torch.isfinite(out).all()
 
 
@@ -107,9 +112,10 @@ def test_fastfacenet_is_mobilenet_v1_at_each_width(name: str, width: float) -> N
 
 @pytest.mark.parametrize(
     ("name", "params_m", "macs_m"),
-    # Computed at 112x112 and 128-D (module docstrings); pinned so a change to the layers is noticed.
+    # Computed at 112x112 and 128-D (mobileface_v2: 256-D, fixed by its weights; module docstrings); pinned so a
+    # change to the layers is noticed.
     [("fastfacenet_0_25", 0.246, 10.61), ("fastfacenet_0_5", 0.884, 38.81), ("fastfacenet_0_75", 1.915, 84.61),
-     ("fastfacenet_1_0", 3.338, 148.0), ("lefv", 1.759, 184.4)],
+     ("fastfacenet_1_0", 3.338, 148.0), ("lefv", 1.759, 184.4), ("mobileface_v2", 0.882, 40.67)],
 )
 def test_computed_figures_of_the_factory_build(name: str, params_m: float, macs_m: float) -> None:
     model = create_model(name)
@@ -122,6 +128,34 @@ def test_lefv_fuses_four_scales_into_960_channels() -> None:
     assert [block[0][0].out_channels for block in model.blocks] == [32, 64, 128, 256]
     assert model.fuse[0].in_channels == 32 + 64 + 128 + 256 and model.fuse[0].out_channels == 960
     assert any(isinstance(m, torch.nn.Dropout) for m in model.modules())
+
+
+def test_imported_model_states_its_source_and_keeps_the_sizes_its_weights_fix() -> None:
+    from factory.errors import FactoryError
+    from factory.teachers import mobileface
+
+    imported = model_entry("mobileface_v2").imported
+    assert imported is not None and imported.licence == "MIT"
+    assert mobileface.COMMIT in imported.source and "may share identities with LFW" in imported.training_data
+    assert [path.name for path in imported.files()] == [remote.name for remote in mobileface.FILES]
+    assert all(model_entry(name).imported is None for name in model_names() if name != "mobileface_v2")
+    with pytest.raises(FactoryError, match="embedding_size: 256"):
+        create_model("mobileface_v2", embedding_size=128)
+
+
+def test_imported_weights_are_described_by_their_source_files_in_the_model_card() -> None:
+    from helpers import REPO
+
+    from factory.build import weights_provenance
+    from factory.recipe import load_recipe
+    from factory.report import render_weights_lines
+    from factory.teachers import mobileface
+
+    model = weights_provenance(load_recipe(REPO / "recipes" / "mobileface_v2.yaml"))
+    assert model["weights_sha256"] is None and model["training"] is None
+    assert model["imported"]["files"] == {remote.name: remote.sha256 for remote in mobileface.FILES}
+    card = "\n".join(render_weights_lines(model))
+    assert mobileface.COMMIT in card and "MIT licence" in card and "may share identities with LFW" in card
 
 
 def test_unknown_architecture_names_the_registered_ones() -> None:

@@ -92,7 +92,55 @@ def test_shipped_and_candidate_recipes_validate() -> None:
     assert "mobilefacenet.yaml: ok" in result.stdout
     assert "seesawfacenet.yaml: ok" in result.stdout
     assert "seesawfacenet_dw.yaml: ok" in result.stdout
+    assert "mobileface_v2.yaml: ok" in result.stdout
     assert load_recipe(folder / "seesawfacenet.yaml").data.calibration.observer == "mean_min_max"
+
+
+def imported_recipe(data_root: Path) -> dict:
+    """The small recipe for MobileFace V2, which is imported with its pretrained weights."""
+    data = recipe_dict(data_root)
+    del data["weights"], data["train"]
+    data["model"] = {"architecture": "mobileface_v2", "embedding_size": 256,
+                     "input": {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}}
+    return data
+
+
+def test_imported_architecture_needs_no_weights_and_refuses_weights_train_and_double_normalisation(
+        tmp_path: Path, data_root: Path) -> None:
+    recipe = load_recipe(write(tmp_path, imported_recipe(data_root)))
+    assert recipe.weights is None and recipe.train is None
+    data = {**recipe_dict(data_root), "model": imported_recipe(data_root)["model"]}
+    data["model"]["input"] = {"mean": [127.5] * 3, "std": [128.0] * 3}
+    joined = "\n".join(problems_of(write(tmp_path, data)))
+    assert "weights: mobileface_v2 is imported with its pretrained weights" in joined
+    assert "remove the weights section" in joined and "remove the train section" in joined
+    assert "model.input: mobileface_v2 normalises its input itself ((pixel - 127.5) / 128)" in joined
+    trained = recipe_dict(data_root)
+    del trained["weights"]
+    assert "weights: required key is missing (only architectures imported" in "\n".join(
+        problems_of(write(tmp_path, trained)))
+
+
+def test_w8_float16_threshold_needs_a_w8_target_and_a_count(tmp_path: Path, data_root: Path) -> None:
+    data = recipe_dict(data_root)
+    data["targets"] = [{"format": "coreml", "precisions": ["w8"], "w8_keep_float16_up_to": 4096}]
+    assert load_recipe(write(tmp_path, data)).targets[0].w8_keep_float16_up_to == 4096
+    data["targets"] = [{"format": "coreml", "precisions": ["fp16"], "w8_keep_float16_up_to": 4096},
+                       {"format": "tflite", "precisions": ["fp32"], "w8_keep_float16_up_to": -1}]
+    joined = "\n".join(problems_of(write(tmp_path, data)))
+    assert "targets[0].w8_keep_float16_up_to: a count of 0 or more, for a target that builds w8" in joined
+    assert "targets[1].w8_keep_float16_up_to" in joined
+
+
+def test_imported_architecture_without_its_source_files_names_where_to_get_them(
+        tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from factory.teachers import mobileface
+
+    monkeypatch.setenv("FACTORY_MODELS", str(tmp_path / "nothing"))
+    monkeypatch.setenv("FACTORY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(mobileface, "SHARED_MODELS", tmp_path / "no-shared")
+    joined = "\n".join(problems_of(write(tmp_path, imported_recipe(data_root))))
+    assert "model.architecture: MobileFace V2 weights not found" in joined and "FACTORY_MODELS" in joined
 
 
 def test_calibration_observer_defaults_and_is_checked(tmp_path: Path, data_root: Path) -> None:

@@ -170,6 +170,33 @@ def test_graph_builder_matches_each_op_written_by_hand(tmp_path: Path) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_scalar_clamp_pairs_become_one_hardtanh_with_the_same_values(tmp_path: Path) -> None:
+    g = GraphWriter()
+    relu6 = g.op("_minimum_scalar", "hi", [g.op("_maximum_scalar", "lo", [0], {"scalar": "0"})], {"scalar": "6"})
+    flipped = g.op("_maximum_scalar", "lo2", [g.op("_minimum_scalar", "hi2", [relu6], {"scalar": "4"})],
+                   {"scalar": "1"})
+    shared = g.op("_maximum_scalar", "lo3", [flipped], {"scalar": "2"})  # two consumers: stays a clamp of its own
+    upper = g.op("_minimum_scalar", "hi3", [shared], {"scalar": "3"})
+    constant = g.op("_minimum_scalar", "hi4", [g.op("_maximum_scalar", "lo4", [upper], {"scalar": "5"})],
+                    {"scalar": "1"})  # low above high: a constant, not a clamp
+    chain = g.op("_minimum_scalar", "c3", [g.op("_maximum_scalar", "c2", [g.op("_minimum_scalar", "c1", [constant],
+                                                                            {"scalar": "7"})], {"scalar": "-1"})],
+                 {"scalar": "0.5"})  # min, max, min: the first two become one clamp, the third stays
+    head = g.op("elemwise_add", "add", [shared, chain])
+    network = load_symbol_graph(*g.save(tmp_path, head))
+    x = torch.randn(2, 3, 8, 8) * 8
+    flipped_ref = x.clamp_min(0).clamp_max(6).clamp_max(4).clamp_min(1)
+    shared_ref = flipped_ref.clamp_min(2)
+    constant_ref = shared_ref.clamp_max(3).clamp_min(5).clamp_max(1)
+    expected = shared_ref + constant_ref.clamp_max(7).clamp_min(-1).clamp_max(0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(network(x), expected, rtol=0, atol=0)
+    exported = torch.export.export(network, (x,))
+    targets = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
+    assert targets.count("aten.hardtanh.default") == 3
+    assert targets.count("aten.clamp_min.default") + targets.count("aten.clamp_max.default") == 5
+
+
 def test_unsupported_op_and_mismatched_params_are_refused(tmp_path: Path) -> None:
     g = GraphWriter()
     head = g.op("LeakyReLU", "leaky", [0], {"act_type": "prelu"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from torch import nn
 
@@ -11,6 +12,30 @@ from factory.errors import FactoryError
 
 # Exact layer tables reproduce a paper's params and MACs to about 1%; 2% leaves room for counting conventions.
 DEFAULT_TOLERANCE = 0.02
+
+
+@dataclass(frozen=True)
+class ImportedWeights:
+    """Where an imported architecture's pretrained weights come from; its builder returns the network with them.
+
+    A recipe for such a model has no `weights` or `train` section: the builder converts the source files each
+    time, so only the files' checksums are recorded (the converted weights are never stored).
+
+    Attributes:
+        source: The public repository, commit and folder the files come from.
+        licence: Licence of the weights.
+        training_data: What the weights were trained on, as far as published (and whether it may share
+            identities with LFW, which decides how far an LFW score can be trusted).
+        files: Callable returning the verified source files (raises `FactoryError` naming how to get them).
+        input_normalisation: The pixel normalisation the imported graph applies itself, if any; the recipe's
+            `model.input` mean and std must then be 0 and 1, so that no pixel is normalised twice.
+    """
+
+    source: str
+    licence: str
+    training_data: str
+    files: Callable[[], list[Path]]
+    input_normalisation: str | None = None
 
 
 @dataclass(frozen=True)
@@ -28,6 +53,8 @@ class ModelEntry:
             convolution stacks; false where channel splits and shuffles make it slower).
         tolerance: Relative deviation from each of `paper_numbers` that the tests accept (default
             `DEFAULT_TOLERANCE`); wider where a paper prints rounded figures such as "1.3M".
+        imported: For an architecture imported with its pretrained weights, where they come from; None for
+            architectures the factory trains (their weights are the recipe's `weights.path`).
     """
 
     name: str
@@ -37,6 +64,7 @@ class ModelEntry:
     paper_kwargs: dict[str, object] = field(default_factory=dict)
     tolerance: dict[str, float] = field(default_factory=dict)
     channels_last_training: bool = True
+    imported: ImportedWeights | None = None
 
     def tolerance_of(self, key: str) -> float:
         """Accepted relative deviation from `paper_numbers[key]`."""
@@ -54,6 +82,7 @@ def register_model(
     paper_kwargs: dict[str, object] | None = None,
     tolerance: dict[str, float] | None = None,
     channels_last_training: bool = True,
+    imported: ImportedWeights | None = None,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator adding a model builder to the registry under `name` (see `ModelEntry` for the fields)."""
 
@@ -62,7 +91,7 @@ def register_model(
             raise ValueError(f"model {name!r} is registered twice")
         _REGISTRY[name] = ModelEntry(
             name, builder, paper, dict(paper_numbers or {}), dict(paper_kwargs or {}), dict(tolerance or {}),
-            channels_last_training,
+            channels_last_training, imported,
         )
         return builder
 

@@ -38,6 +38,7 @@ class CompileRequest:
         output_shape: Shape of the artifact's output; None: (1, embedding_size).
         description: One line describing the model, where the format stores one (Core ML).
         observer: How int8 activation ranges are chosen from the calibration faces (`factory.observers`).
+        w8_keep_float16_up_to: w8 (weight-only int8) keeps weight tensors of at most this many elements in float.
     """
 
     backbone: nn.Module
@@ -53,6 +54,7 @@ class CompileRequest:
     output_shape: list[int] | None = None
     description: str = "Face embedding model built by the mobile face-model factory"
     observer: str = "default"
+    w8_keep_float16_up_to: int = 0
 
     @property
     def label(self) -> str:

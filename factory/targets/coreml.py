@@ -64,7 +64,8 @@ class CoreMLTarget:
             exported = torch.export.export(request.deployable(backbone), example).run_decompositions({})
         shape = tuple(example[0].shape)
         with request.stages.stage(Stage.LOWER, f"{request.label}: coremltools ML program"):
-            mlmodel = self._convert(exported, shape, request.precision, request.output_name)
+            mlmodel = self._convert(exported, shape, request.precision, request.output_name,
+                                    request.w8_keep_float16_up_to)
         mlmodel.short_description = request.description
         with request.stages.stage(Stage.SERIALIZE, request.label), atomic_path(request.output) as tmp:
             mlmodel.save(str(tmp))
@@ -79,7 +80,9 @@ class CoreMLTarget:
             output_name=request.output_name,
             output_shape=request.artifact_output_shape,
             output_dtype="float32 (MLMultiArray)",
-            quantization=QUANTIZATION[request.precision],
+            quantization=QUANTIZATION[request.precision] + (
+                f"; weight tensors of up to {request.w8_keep_float16_up_to} elements kept in float16"
+                if request.precision == "w8" and request.w8_keep_float16_up_to else ""),
             details={"deployment_target": DEPLOYMENT_TARGETS[request.precision], "compute_precision": "float16"},
         )
 
@@ -103,7 +106,7 @@ class CoreMLTarget:
 
     @staticmethod
     def _convert(exported: torch.export.ExportedProgram, shape: tuple[int, ...], precision: str,
-                 output_name: str = OUTPUT_NAME) -> object:
+                 output_name: str = OUTPUT_NAME, w8_keep_float16_up_to: int = 0) -> object:
         import coremltools as ct
         import coremltools.optimize.coreml as cto
 
@@ -118,7 +121,8 @@ class CoreMLTarget:
         if precision == "w8":
             config = cto.OptimizationConfig(
                 global_config=cto.OpLinearQuantizerConfig(
-                    mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=0
+                    mode="linear_symmetric", dtype="int8", granularity="per_channel",
+                    weight_threshold=w8_keep_float16_up_to,
                 )
             )
             mlmodel = cto.linear_quantize_weights(mlmodel, config=config)

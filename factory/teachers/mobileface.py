@@ -67,9 +67,12 @@ def find_files() -> tuple[Path, Path]:
                        f"FACTORY_MODELS to a folder holding {NAME}/")
 
 
-def fetch(destination: Path | None = None, mirror: str | None = None) -> Path:
-    """Download both files (sha256-verified, resumable) into the cache; returns their folder."""
-    folder = destination or cache_dir() / "models" / NAME
+def fetch(models: Path | None = None, mirror: str | None = None) -> Path:
+    """Download both files (sha256-verified, resumable) into `models/mobileface_v2/` (default: the cache's).
+
+    Returns the folder holding them; `FACTORY_MODELS=<models>` makes the factory use them.
+    """
+    folder = (models or cache_dir() / "models") / NAME
     for remote in FILES:
         download(remote, folder, mirror)
     return folder

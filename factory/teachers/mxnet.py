@@ -171,9 +171,10 @@ class _BatchNorm(nn.Module):
         self.bn.running_var.data = torch.from_numpy(var.astype(np.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim == 2:  # batch norm after a fully-connected layer
-            return self.bn(x[:, :, None, None])[:, :, 0, 0]
-        return self.bn(x)
+        # The functional form takes (N, C) after a fully-connected layer as well as (N, C, H, W), so exporters
+        # see one batch norm they can fold into the layer before it, not a reshape around a 2-D batch norm.
+        bn = self.bn
+        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
 
 
 class _FullyConnected(nn.Module):
@@ -206,6 +207,18 @@ class _Scalar(nn.Module):
         if self.op == "_maximum_scalar":
             return x.clamp_min(self.scalar)
         return x.clamp_max(self.scalar)  # _minimum_scalar
+
+
+class _Clamp(nn.Module):
+    """`_maximum_scalar` then `_minimum_scalar` (MXNet's ReLU6) as one hardtanh, which exporters fuse into the
+    convolution before it; the same values as the two clamps."""
+
+    def __init__(self, low: float, high: float) -> None:
+        super().__init__()
+        self.low, self.high = low, high
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.hardtanh(x, self.low, self.high)
 
 
 _ACTIVATIONS = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
@@ -288,6 +301,8 @@ class SymbolGraph(nn.Module):
         self.order: list[tuple[int, str, tuple[int, ...]]] = []  # (node, module key, input nodes)
         self.input_node = -1
         needed = self._ancestors(nodes, head)
+        clamps = self._clamp_pairs(nodes, needed, head)
+        absorbed = {inner for inner, _ in clamps.values()}
         layers: dict[str, nn.Module] = {}
         for index in sorted(needed):
             node = nodes[index]
@@ -298,7 +313,13 @@ class SymbolGraph(nn.Module):
                                            f"only graphs with one data input are supported")
                     self.input_node = index
                 continue
-            layer, data_inputs = self._layer(node, nodes, bare, source)
+            if index in absorbed:
+                continue
+            if index in clamps:
+                inner, bounds = clamps[index]
+                layer, data_inputs = _Clamp(*bounds), nodes[inner].inputs[:1]
+            else:
+                layer, data_inputs = self._layer(node, nodes, bare, source)
             key = f"n{index}"
             layers[key] = layer
             self.order.append((index, key, data_inputs))
@@ -317,6 +338,31 @@ class SymbolGraph(nn.Module):
                 seen.add(index)
                 stack.extend(nodes[index].inputs)
         return seen
+
+    @staticmethod
+    def _clamp_pairs(nodes: list[Node], needed: set[int], head: int) -> dict[int, tuple[int, tuple[float, float]]]:
+        """Clamps to a range written as two scalar ops (`_maximum_scalar` feeding only a `_minimum_scalar`, or the
+        reverse): the outer node's index -> (the inner node's index, (low, high))."""
+        consumers: dict[int, int] = {}
+        for index in needed:
+            for source in nodes[index].inputs:
+                consumers[source] = consumers.get(source, 0) + 1
+        bounds = {"_maximum_scalar", "_minimum_scalar"}
+        pairs: dict[int, tuple[int, tuple[float, float]]] = {}
+        for index in sorted(needed):  # in graph order, so that in a chain of clamps no node joins two pairs
+            outer = nodes[index]
+            if outer.op not in bounds:
+                continue
+            inner_index = outer.inputs[0]
+            inner = nodes[inner_index]
+            if (inner.op not in bounds - {outer.op} or consumers[inner_index] != 1 or inner_index == head
+                    or inner_index in pairs):
+                continue
+            values = float(inner.attrs["scalar"]), float(outer.attrs["scalar"])
+            low, high = values if inner.op == "_maximum_scalar" else values[::-1]
+            if low <= high:  # otherwise the pair is a constant, not a clamp; it stays two ops
+                pairs[index] = (inner_index, (low, high))
+        return pairs
 
     @staticmethod
     def _layer(node: Node, nodes: list[Node], params: dict[str, np.ndarray],

@@ -76,6 +76,13 @@ def teacher_entry(name: str) -> TeacherEntry:
     return _REGISTRY[name]
 
 
+def teacher_card(name: str, digest: str) -> dict[str, object]:
+    """What a model card says of a teacher: weights digest, licence, provenance, LFW-identity exposure."""
+    entry = teacher_entry(name)
+    return {"digest": digest, "licence": entry.licence, "provenance": entry.provenance,
+            "lfw_identity_free": entry.lfw_identity_free, "source": entry.source}
+
+
 def load_teacher(name: str, device: str = "cpu") -> Teacher:
     """Load a registered teacher by name (its weight files are checked against their pinned sha256)."""
     return teacher_entry(name).loader(device=device)

@@ -1,0 +1,39 @@
+"""The results page is generated from the committed reports and must match them."""
+
+from pathlib import Path
+
+from factory.results import render_results, results_rows
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_committed_results_page_matches_the_committed_reports() -> None:
+    rows = results_rows(REPO / "recipes", REPO / "reports")
+    assert {row["recipe"].split("]")[0].lstrip("[") for row in rows} >= {"mobilefacenet", "seesawfacenet"}
+    expected = render_results(rows)
+    page = REPO / "docs" / "results.md"
+    assert page.is_file() and page.read_text() == expected, (
+        "docs/results.md is stale: run `python -m factory results` and commit it")
+
+
+def test_results_rows_name_teachers_and_lfw_exposure(tmp_path: Path) -> None:
+    import json
+
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "student.yaml").write_text("name: student\n")
+    report = {"verdict": "pass", "reference": {"lfw_accuracy": 0.975},
+              "model": {"architecture": "mobilefacenet", "params": 1.0e6, "macs": 221e6,
+                        "paper_numbers": {"lfw_accuracy": 0.9955},
+                        "training": {"train_config": {"distill": {"teachers": ["dlib_resnet_v1"]}},
+                                     "teachers": {"dlib_resnet_v1": {"lfw_identity_free": True}}}},
+              "artifacts": [{"format": "tflite", "precision": "int8", "parity": {"lfw_accuracy": 0.9731},
+                             "latency_ms": {"1_thread": {"median_ms": 1.234}}, "parity_set": {"pairs": 6000}},
+                            {"format": "coreml", "precision": "int8", "parity": {"lfw_accuracy": 0.97},
+                             "parity_set": {"pairs": 1200, "reference_accuracy": 0.9733}}]}
+    (tmp_path / "reports" / "student").mkdir(parents=True)
+    (tmp_path / "reports" / "student" / "report.json").write_text(json.dumps(report))
+    (row,) = results_rows(tmp_path / "recipes", tmp_path / "reports")
+    assert row["LFW fp32"] == "97.50%" and row["int8 .tflite"] == "97.31%, 1.23 ms"
+    assert row["Core ML int8"] == "97.00% (1,200 pairs; reference 97.33%)"
+    assert row["teachers"] == "dlib_resnet_v1" and row["LFW-identity-free"] == "yes"
+    assert row["int8 .pte"] == "—" and row["paper LFW"] == "99.55%"
