@@ -36,7 +36,7 @@ from factory.losses import SoftmaxHead, identity_pair_batches, triplet_loss, tri
 from factory.models import create_model, model_entry
 from factory.recipe import Recipe, TrainConfig, data_path
 from factory.teachers import teacher_card
-from factory.teachers.cache import cache_root
+from factory.teachers.cache import cache_root, face_digests
 from factory.weights import load_weights, save_weights
 
 
@@ -244,6 +244,9 @@ def train(
     if cfg.distill is not None:
         distiller = Distiller(cfg.distill, recipe.model.embedding_size, images, cfg.seed,
                               cache_root(cfg.distill.cache_dir, recipe.resolve), device, log).to(device)
+    view_keys = None  # stable per-face keys of the strong views, computed once
+    if cfg.augmentation == "strong":
+        view_keys = distiller.keys if distiller is not None else face_keys(face_digests(images))
     trained: dict[str, nn.Module] = {"model": model, "head": head}
     if distiller is not None:
         trained["projection"] = distiller.projections
@@ -300,7 +303,7 @@ def train(
             if cfg.augmentation == "strong":
                 views = rng.integers(0, cfg.distill.cached_views if distiller and distiller.cached else 1 << 62,
                                      size=len(index))
-                batch = strong_views(images[index], _keys(distiller, images, index), views, cfg.seed)
+                batch = strong_views(images[index], view_keys[index], views, cfg.seed)
             else:
                 batch = basic_batch(images[index], rng, cfg.max_shift)
             x = torch.from_numpy(to_input_tensor(batch, spec.mean, spec.std, "NCHW", spec.color_order))
@@ -375,15 +378,6 @@ def train(
     with atomic_path(output.with_suffix(".train.json")) as tmp:
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def _keys(distiller: Distiller | None, images: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """Stable per-face keys of the strong views (content digests; computed on the fly without a distiller)."""
-    if distiller is not None:
-        return distiller.keys[index]
-    from factory.teachers.cache import face_digests
-
-    return face_keys(face_digests(images[index]))
 
 
 def _score_held_out(recipe: Recipe, model: nn.Module, held_out: EvaluationSet, distiller: Distiller | None,
