@@ -31,8 +31,10 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _recipe_lines(recipes_dir: Path, reports_dir: Path) -> list[str]:
-    """One line per recipe: its model, whether its weights exist, the built LFW accuracy and the paper's."""
+    """One line per recipe: its model, whether its weights exist, built LFW fp32 and int8, teacher, the paper's LFW."""
     import json
+
+    from factory.results import int8_accuracy_range, teachers_of
 
     from factory.models import model_entry
     from factory.recipe import load_recipe
@@ -58,6 +60,10 @@ def _recipe_lines(recipes_dir: Path, reports_dir: Path) -> list[str]:
             built = json.loads(report.read_text())
             accuracy = built["reference"]["lfw_accuracy"]
             measured = f"LFW {100 * accuracy:.2f}% ({built['verdict']}, {built['created'][:10]})"
+            int8 = int8_accuracy_range(built)
+            if int8 is not None:
+                low, high = int8
+                measured += f"; int8 {100 * low:.2f}%" + (f"-{100 * high:.2f}%" if high > low else "")
             detector = built.get("pipeline", {}).get("detector")
             if detector:
                 measured += f"; detector recall {100 * detector['reference']['recall']:.1f}% of MTCNN's faces"
@@ -65,11 +71,12 @@ def _recipe_lines(recipes_dir: Path, reports_dir: Path) -> list[str]:
             if normaliser:
                 measured += (f"; normaliser: identity cosine {normaliser['identity']['identity_cosine_mean']:.3f}, "
                              f"LFW {100 * normaliser['identity']['accuracy_with']:.2f}% normalised")
+            teacher = teachers_of(built)[0]
         else:
-            measured = "not built"
+            measured, teacher = "not built", "—"
         paper_text = "—" if paper is None else f"{100 * paper:.2f}%"
-        lines.append(f"  {recipe.name:<22} {recipe.model.architecture:<22} {weights:<11} built: {measured:<36} "
-                     f"paper LFW: {paper_text}")
+        lines.append(f"  {recipe.name:<22} {recipe.model.architecture:<22} {weights:<11} built: {measured:<52} "
+                     f"teacher: {teacher:<24} paper LFW: {paper_text}")
     return lines
 
 

@@ -39,7 +39,16 @@ def _int8(report: dict[str, Any], fmt: str) -> str:
     return "—"
 
 
-def _teachers(report: dict[str, Any]) -> tuple[str, str]:
+def int8_accuracy_range(report: dict[str, Any]) -> tuple[float, float] | None:
+    """Lowest and highest LFW accuracy of the report's int8 artifacts (None when it has none measured)."""
+    values = [(artifact.get("parity") or {}).get("lfw_accuracy") for artifact in report.get("artifacts", [])
+              if artifact.get("precision") == "int8"]
+    values = [value for value in values if value is not None]
+    return (min(values), max(values)) if values else None
+
+
+def teachers_of(report: dict[str, Any]) -> tuple[str, str]:
+    """Who taught the reported model and whether its LFW number is free of LFW-identity exposure."""
     training = (report.get("model") or {}).get("training") or {}
     distill = (training.get("train_config") or {}).get("distill")
     imported = (report.get("model") or {}).get("imported")
@@ -63,7 +72,7 @@ def results_rows(recipes_dir: Path, reports_dir: Path) -> list[dict[str, str]]:
         report = json.loads(report_file.read_text())
         model = report.get("model") or {}
         paper = (model.get("paper_numbers") or {}).get("lfw_accuracy")
-        teachers, clean = _teachers(report)
+        teachers, clean = teachers_of(report)
         rows.append({
             "recipe": f"[{name}](../reports/{name}/report.md)",
             "architecture": str(model.get("architecture")),

@@ -84,8 +84,8 @@ def test_compare_errors_name_the_missing_build_and_write_nothing(tmp_path: Path,
     assert not out.exists()
 
 
-def test_list_shows_each_recipe_with_its_built_and_paper_accuracy(tmp_path: Path,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_list_shows_each_recipe_with_its_built_int8_teacher_and_paper_accuracy(tmp_path: Path,
+                                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     import yaml
     from helpers import recipe_dict, synthetic_dataset
 
@@ -98,11 +98,14 @@ def test_list_shows_each_recipe_with_its_built_and_paper_accuracy(tmp_path: Path
     untrained = {**recipe_dict(data, weights="nowhere.safetensors"), "name": "untrained"}
     (recipes / "untrained.yaml").write_text(yaml.safe_dump(untrained))
     (recipes / "broken.yaml").write_text("name: [\n")
-    _report(reports, "tiny", 1e6, 0.8123, [])
+    _report(reports, "tiny", 1e6, 0.8123, [_artifact("tflite", "int8", 400_000, 0.8101, 0.002, 1.5),
+                                            _artifact("executorch", "int8", 400_000, 0.8130, 0.0, 1.2),
+                                            _artifact("tflite", "fp32", 900_000, 0.8123, 0.0, 2.0)])
 
     assert main(["list", "--recipes", str(recipes), "--reports", str(reports)]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
-    assert "weights ok" in lines["tiny"] and "LFW 81.23% (pass, 2026-11-23)" in lines["tiny"]
+    assert "weights ok" in lines["tiny"] and "LFW 81.23% (pass, 2026-11-23); int8 81.01%-81.30%" in lines["tiny"]
+    assert "teacher: none (labels only)" in lines["tiny"]  # trained with labels alone (no distill block)
     assert "paper LFW: 99.55%" in lines["tiny"]  # MobileFaceNet's published figure
     assert "NO WEIGHTS" in lines["untrained"] and "not built" in lines["untrained"]
     assert "invalid:" in lines["broken"]
