@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from factory.ablation import ablation_rows
 from factory.data import load_images, read_split, sample_paths
 from factory.deploy import Embedder
 from factory.errors import FactoryError
@@ -79,7 +80,8 @@ def weights_provenance(recipe: Recipe) -> dict[str, Any]:
     imported = model_entry(recipe.model.architecture).imported
     if imported is None:
         path = recipe.resolve(recipe.weights.path)
-        return {"weights_sha256": sha256_of(path), "training": training_summary(path)}
+        return {"weights_file": recipe.weights.path, "weights_sha256": sha256_of(path),
+                "training": training_summary(path)}
     return {"weights_sha256": None, "training": None, "imported": {
         "source": imported.source, "licence": imported.licence, "training_data": imported.training_data,
         "input_normalisation": imported.input_normalisation,
@@ -197,6 +199,12 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
             embeddings = torch_embeddings(reference_model, pair_set.pixels("NCHW"))
             benchmark_reference[name] = pair_set.verification(embeddings)
         printer(f"  reference {name} accuracy {benchmark_reference[name]['accuracy']:.4f}")
+    ablation = []
+    if recipe.ablation:
+        with log.stage(Stage.VERIFY, f"PyTorch fp32 reference of {len(recipe.ablation)} ablation weights"):
+            ablation = ablation_rows(recipe, evaluation)
+        for row in ablation:
+            printer(f"  ablation {row['label']}: LFW accuracy {row['lfw_accuracy']:.4f}")
 
     compiled: list[CompiledArtifact] = []
     for target_cfg in recipe.targets:
@@ -361,6 +369,7 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
         "peers": peers,
         "artifacts": artifacts,
         **({"pipeline": pipeline} if pipeline else {}),
+        **({"ablation": ablation} if ablation else {}),
         "stages": log.records,
     }
     with log.stage(Stage.REPORT, str(out)):

@@ -31,13 +31,12 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _recipe_lines(recipes_dir: Path, reports_dir: Path) -> list[str]:
-    """One line per recipe: its model, whether its weights exist, built LFW fp32 and int8, teacher, the paper's LFW."""
+    """One line per recipe: its model, whether its weights exist, LFW fp32 and int8, teacher, the paper's LFW."""
     import json
-
-    from factory.results import int8_accuracy_range, teachers_of
 
     from factory.models import model_entry
     from factory.recipe import load_recipe
+    from factory.results import int8_accuracy_range, teachers_of
 
     lines = []
     for path in sorted(recipes_dir.glob("*.yaml")):

@@ -344,6 +344,18 @@ class PipelineConfig:
 
 
 @dataclass
+class AblationRun:
+    """Another weights file of the recipe's architecture, scored by the build on the same evaluation pairs.
+
+    The model card tabulates these next to the built weights, with how each was trained (read from the
+    file's own training metadata): e.g. labels only, each teacher, both teachers.
+    """
+
+    label: str
+    weights: WeightsConfig
+
+
+@dataclass
 class Recipe:
     """A whole recipe. `path` is the recipe file (set by the loader, not written in YAML).
 
@@ -360,6 +372,7 @@ class Recipe:
     gates: dict[Precision, GateConfig] = field(default_factory=_default_gates)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     pipeline: PipelineConfig | None = None
+    ablation: list[AblationRun] = field(default_factory=list)
     path: Path = field(default=Path("."), metadata={"internal": True})
 
     def resolve(self, relative: str) -> Path:
@@ -548,6 +561,11 @@ def _check_rules(recipe: Recipe, problems: list[str]) -> None:
             checks.append(("train.init_from", recipe.train.init_from, "file"))
         for index, split in enumerate(recipe.train.distill.unlabelled if recipe.train.distill else []):
             checks.append((f"train.distill.unlabelled[{index}]", str(Path(recipe.data.root) / split), "file"))
+    labels = [run.label for run in recipe.ablation]
+    for index, run in enumerate(recipe.ablation):
+        if labels.count(run.label) > 1:
+            problems.append(f"ablation[{index}].label: {run.label!r} is used twice; labels must be unique")
+        checks.append((f"ablation[{index}].weights.path", run.weights.path, "file"))
     for key, relative, kind in checks:
         resolved = recipe.resolve(relative)
         exists = resolved.is_dir() if kind == "dir" else resolved.is_file()
@@ -582,8 +600,9 @@ def _check_rules(recipe: Recipe, problems: list[str]) -> None:
                     problems.append(f"pipeline.normaliser.train.{name}: must be 0 or more")
             encoder = recipe.resolve(normaliser.encoder.path)
             if not encoder.is_file():
-                problems.append(f"pipeline.normaliser.encoder.path: file not found: {encoder} (the trained "
-                                "MobileFaceNet: `python -m factory train recipes/mobilefacenet.yaml`)")
+                problems.append(f"pipeline.normaliser.encoder.path: file not found: {encoder} (the label-only "
+                                "MobileFaceNet: `python -m factory train "
+                                "recipes/candidates/mobilefacenet_labels.yaml`)")
     weights = recipe.resolve(recipe.weights.path) if recipe.weights is not None else None
     if weights is not None and not weights.is_file() and recipe.train is None:
         problems.append(f"weights.path: file not found: {weights}, and there is no 'train' section to make it")

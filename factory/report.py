@@ -105,6 +105,7 @@ def render_markdown(report: dict[str, Any], figures: dict[str, str] | None = Non
             )
     for caption, file in (figures or {}).items():
         lines += ["", f"![{caption}]({file})"]
+    lines += _ablation_lines(report)
     lines += _benchmark_lines(report)
     lines += _coreml_app_lines(artifacts)
     lines += [
@@ -379,6 +380,36 @@ def _distillation_lines(distill: dict[str, Any] | None, teachers: dict[str, Any]
         "split holds no LFW test identity, so the LFW score is a clean held-out number." if free else
         "possible: a teacher's training data may include LFW identities, so the LFW score may be optimistic; "
         "a dlib-only student gives the clean number."))
+    return lines
+
+
+def _ablation_lines(report: dict[str, Any]) -> list[str]:
+    """The training ablation: the built weights and the recipe's `ablation` weights on the same pairs."""
+    from factory.ablation import training_row
+
+    rows = report.get("ablation") or []
+    if not rows:
+        return []
+    built = {"label": "**built**", "weights": report["model"].get("weights_file", ""),
+             "sha256": report["model"]["weights_sha256"], **training_row(report["model"].get("training")),
+             "lfw_accuracy": report["reference"]["lfw_accuracy"],
+             "lfw_accuracy_std": report["reference"]["lfw_accuracy_std"],
+             "tar_at_far_1e-03": report["reference"]["tar_at_far_1e-03"]}
+    ev = report["evaluation"]
+    lines = ["", "## Training ablation", "",
+             f"The same architecture trained other ways, each scored by this build on the same {ev['pairs']} "
+             "pairs (fp32 PyTorch reference); how each was trained is read from its weights file's training "
+             "metadata.",
+             "", "| run | weights (sha256) | teachers | teacher outputs | augmentation | started from | epochs "
+             "| training | LFW acc. | TAR@FAR=1e-3 | LFW-identity-free |", "|---" * 11 + "|"]
+    for row in (*rows, built):
+        teachers = ", ".join(row["teachers"]) or "none (labels only)"
+        time = f"{row['train_minutes']:.0f} min, {row['device']}" if row.get("train_minutes") else "—"
+        lines.append(f"| {row['label']} | `{Path(row['weights']).name}` ({row['sha256'][:12]}…) | {teachers} | "
+                     f"{row['teacher_outputs'] or '—'} | {row['augmentation']} | "
+                     f"{row['started_from'] or 'random'} | {row['epochs'] or '—'} | {time} | "
+                     f"{_pct(row['lfw_accuracy'])} ± {_pct(row['lfw_accuracy_std'])} | "
+                     f"{_pct(row['tar_at_far_1e-03'])} | {'yes' if row['lfw_identity_free'] else 'no'} |")
     return lines
 
 

@@ -37,7 +37,7 @@ from factory.models import create_model, model_entry
 from factory.recipe import Recipe, TrainConfig, data_path
 from factory.teachers import teacher_card
 from factory.teachers.cache import cache_root, face_digests
-from factory.weights import load_weights, save_weights
+from factory.weights import load_weights, save_weights, sha256_of
 
 
 class ArcFaceHead(nn.Module):
@@ -358,6 +358,7 @@ def train(
         "unlabelled_images": len(unlabelled),
         "epochs": cfg.epochs,
         "train_config": asdict(cfg),
+        **({"init_from_sha256": sha256_of(recipe.resolve(cfg.init_from))} if cfg.init_from else {}),
         "history": history,
         "wall_time_s": history[-1]["elapsed_s"] if history else 0.0,
     }

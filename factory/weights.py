@@ -104,7 +104,7 @@ def training_summary(path: Path) -> dict | None:
     if not isinstance(summary, dict):
         return None
     keep = ("device", "images", "identities", "epochs", "train_config", "wall_time_s", "evaluation",
-            "teacher", "photos", "faces")
+            "teacher", "teachers", "init_from_sha256", "photos", "faces")
     return {key: summary[key] for key in keep if key in summary}
 
 

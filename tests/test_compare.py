@@ -84,8 +84,8 @@ def test_compare_errors_name_the_missing_build_and_write_nothing(tmp_path: Path,
     assert not out.exists()
 
 
-def test_list_shows_each_recipe_with_its_built_int8_teacher_and_paper_accuracy(tmp_path: Path,
-                                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_list_shows_each_recipe_with_its_built_int8_teacher_and_paper_accuracy(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import yaml
     from helpers import recipe_dict, synthetic_dataset
 

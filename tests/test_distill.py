@@ -174,7 +174,7 @@ def test_short_distillation_run_pulls_the_student_towards_the_teacher(tmp_path: 
     recipe = load_recipe(_recipe(tmp_path, faces_root, {
         "split": str(tmp_path / "small.txt"), "epochs": 6, "batch_size": 32, "learning_rate": 0.05,
         "warmup_steps": 2, "augmentation": "strong",
-        "init_from": str(REPO / "recipes" / "weights" / "mobilefacenet.safetensors"),
+        "init_from": str(REPO / "recipes" / "weights" / "mobilefacenet_labels.safetensors"),
         "distill": {"teachers": ["mobileface_v2"], "cosine_weight": 100.0, "relational_weight": 100.0,
                     "label_weight": 0.1, "teacher_outputs": "cached", "cached_views": 2,
                     "cache_dir": str(tmp_path / "cache")}}))
