@@ -30,8 +30,8 @@ def training_row(training: dict[str, Any] | None) -> dict[str, Any]:
         "teachers": list(distill.get("teachers") or []),
         "teacher_outputs": outputs,
         "augmentation": cfg.get("augmentation", "basic"),
-        "started_from": (Path(cfg["init_from"]).name + (f" (sha256 {training['init_from_sha256'][:12]}…)"
-                         if training.get("init_from_sha256") else "")) if cfg.get("init_from") else None,
+        "started_from": Path(cfg["init_from"]).name if cfg.get("init_from") else None,
+        "started_from_sha256": training.get("init_from_sha256"),
         "epochs": training.get("epochs"),
         "train_minutes": round(training["wall_time_s"] / 60, 1) if training.get("wall_time_s") else None,
         "device": training.get("device"),

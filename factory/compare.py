@@ -159,7 +159,10 @@ def _training(training: dict[str, Any] | None) -> str:
     if not training:
         return "—"
     cfg = training.get("train_config", {})
-    return (f"{cfg.get('loss', 'arcface')}, {training.get('epochs')} epochs, "
+    distill = cfg.get("distill")
+    taught = f" + distillation from {', '.join(distill['teachers'])}" if distill else ""
+    start = f" from `{Path(cfg['init_from']).name}`" if cfg.get("init_from") else ""
+    return (f"{cfg.get('loss', 'arcface')}{taught}, {training.get('epochs')} epochs{start}, "
             f"{training.get('wall_time_s', 0) / 60:.0f} min on {training.get('device')}")
 
 

@@ -358,8 +358,10 @@ def _training_lines(training: dict[str, Any] | None) -> list[str]:
              f"{training.get('images')} images of {training.get('identities')} identities{used}; "
              f"{training.get('wall_time_s', 0) / 60:.0f} min on {training.get('device')}."]
     if cfg.get("init_from"):
-        lines.append(f"- Started from the weights `{Path(cfg['init_from']).name}`, not from a random initialisation "
-                     "(their own training log sits next to them).")
+        digest = training.get("init_from_sha256")
+        which = f"sha256 `{digest[:16]}…` (then named " if digest else "("
+        lines.append(f"- Started from the weights {which}`{Path(cfg['init_from']).name}`), not from a random "
+                     "initialisation (their own training log sits next to them).")
     return lines + _distillation_lines(cfg.get("distill"), training.get("teachers") or {})
 
 
@@ -402,12 +404,16 @@ def _ablation_lines(report: dict[str, Any]) -> list[str]:
              "metadata.",
              "", "| run | weights (sha256) | teachers | teacher outputs | augmentation | started from | epochs "
              "| training | LFW acc. | TAR@FAR=1e-3 | LFW-identity-free |", "|---" * 11 + "|"]
+    labels = {row["sha256"]: row["label"] for row in (*rows, built)}
     for row in (*rows, built):
         teachers = ", ".join(row["teachers"]) or "none (labels only)"
+        start = row["started_from"] or "random"
+        if row.get("started_from_sha256"):  # name the run it continued, else the file and its sha256
+            start = labels.get(row["started_from_sha256"], f"`{start}` ({row['started_from_sha256'][:12]}…)")
         time = f"{row['train_minutes']:.0f} min, {row['device']}" if row.get("train_minutes") else "—"
         lines.append(f"| {row['label']} | `{Path(row['weights']).name}` ({row['sha256'][:12]}…) | {teachers} | "
                      f"{row['teacher_outputs'] or '—'} | {row['augmentation']} | "
-                     f"{row['started_from'] or 'random'} | {row['epochs'] or '—'} | {time} | "
+                     f"{start} | {row['epochs'] or '—'} | {time} | "
                      f"{_pct(row['lfw_accuracy'])} ± {_pct(row['lfw_accuracy_std'])} | "
                      f"{_pct(row['tar_at_far_1e-03'])} | {'yes' if row['lfw_identity_free'] else 'no'} |")
     return lines

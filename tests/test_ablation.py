@@ -38,10 +38,11 @@ def test_ablation_scores_each_weights_file_and_reads_how_it_was_trained(tmp_path
     ]))
     labels, distilled = ablation_rows(recipe, load_evaluation_set(recipe))
     assert labels["teachers"] == [] and labels["lfw_identity_free"] and labels["started_from"] is None
+    assert labels["sha256"] == "2f7c1f26c7784b5a52c41d9674b68dfb0af971d37a80748eede5afdde50b4771"
     assert distilled["teachers"] == ["mobileface_v2"] and not distilled["lfw_identity_free"]
     assert distilled["teacher_outputs"] == "cached, 8 views a face" and distilled["augmentation"] == "strong"
     # Stage 1 was trained from the label-only file under its old name; its sha256 says which file it was.
-    assert distilled["started_from"].endswith("(sha256 2f7c1f26c778…)") and distilled["epochs"] == 14
+    assert distilled["started_from_sha256"] == labels["sha256"] and distilled["epochs"] == 14
     # On all 6,000 pairs: 84.55% and 95.90%; on these 200 fold-balanced pairs each must still sit near its own.
     assert 0.78 < labels["lfw_accuracy"] < 0.91 and distilled["lfw_accuracy"] > 0.92
     assert distilled["lfw_accuracy"] - labels["lfw_accuracy"] > 0.05

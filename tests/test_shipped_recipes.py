@@ -45,6 +45,10 @@ def test_full_build_passes_its_gates_and_reproduces_the_committed_report(recipe:
         now = built[(artifact["format"], artifact["precision"])]
         if artifact["parity"] is not None:
             assert now["parity"]["cosine_mean"] == pytest.approx(artifact["parity"]["cosine_mean"], abs=0.002)
+    # The training ablation's weights are scored by the same deterministic reference.
+    for row, before in zip(report.get("ablation", []), committed.get("ablation", []), strict=True):
+        assert (row["label"], row["sha256"]) == (before["label"], before["sha256"])
+        assert row["lfw_accuracy"] == pytest.approx(before["lfw_accuracy"], abs=0.002)
     # Pipeline recipes (LEFV): the detector's PyTorch scores are deterministic, its artifacts' parity close.
     if "pipeline" in committed:
         detector, before = report["pipeline"]["detector"], committed["pipeline"]["detector"]
