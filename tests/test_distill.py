@@ -128,6 +128,7 @@ def _recipe(tmp_path: Path, faces_root: Path, train: dict) -> Path:
     data["weights"] = {"path": str(tmp_path / "student.safetensors")}
     data["data"]["root"] = str(faces_root)
     data["data"].pop("benchmarks")
+    data.pop("ablation")
     data["train"] = train
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(data))
