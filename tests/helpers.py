@@ -81,6 +81,17 @@ def synthetic_dataset(root: Path, identities: int = 4, per_identity: int = 6) ->
     return root
 
 
+def shipped_recipe_dict(faces_root: Path) -> dict:
+    """The shipped MobileFaceNet recipe as plain data, reading `faces_root`, without the ablation weights
+    list (its paths are relative to recipes/; tests/test_ablation.py covers it)."""
+    import yaml
+
+    data = yaml.safe_load((REPO / "recipes" / "mobilefacenet.yaml").read_text())
+    data["data"]["root"] = str(faces_root)
+    data.pop("ablation")
+    return data
+
+
 def recipe_dict(data_root: Path, weights: str = "w.safetensors") -> dict:
     """A small valid recipe as plain data, pointing at `data_root`."""
     return {

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO
+from helpers import REPO, shipped_recipe_dict
 
 from factory.ablation import ablation_rows
 from factory.evaluation import load_evaluation_set
@@ -19,9 +19,8 @@ WEIGHTS = REPO / "recipes" / "weights"
 
 
 def _recipe(tmp_path: Path, faces_root: Path, ablation: list[dict]) -> Path:
-    data = yaml.safe_load((REPO / "recipes" / "mobilefacenet.yaml").read_text())
+    data = shipped_recipe_dict(faces_root)
     data["weights"] = {"path": str(WEIGHTS / "mobilefacenet_stage1.safetensors")}
-    data["data"]["root"] = str(faces_root)
     data["data"]["evaluation"].update(max_pairs=200, min_parity_images=300)
     data.pop("train")
     data["ablation"] = ablation

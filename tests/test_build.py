@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO
+from helpers import REPO, shipped_recipe_dict
 
 from factory.weights import sha256_of
 from mobile_harness.manifest import load_golden
@@ -22,10 +22,9 @@ PARITY_KEYS = {"cosine_mean", "cosine_min", "cosine_p1", "lfw_accuracy", "lfw_ac
 
 def reduced_recipe(tmp_path: Path, faces_root: Path, **changes) -> Path:
     """The shipped MobileFaceNet recipe on 200 LFW pairs and 128 calibration faces."""
-    data = yaml.safe_load((REPO / "recipes" / "mobilefacenet.yaml").read_text())
+    data = shipped_recipe_dict(faces_root)
     data["name"] = "mobilefacenet_reduced"
     data["weights"]["path"] = str(REPO / "recipes" / data["weights"]["path"])
-    data["data"]["root"] = str(faces_root)
     data["data"]["calibration"].update(count=128, allow_fewer_than_300=True)
     data["data"]["evaluation"].update(max_pairs=200, min_parity_images=300)
     data["data"]["benchmarks"][0]["max_pairs"] = 100
@@ -33,7 +32,6 @@ def reduced_recipe(tmp_path: Path, faces_root: Path, **changes) -> Path:
     # 200 pairs: one flipped decision moves accuracy by 0.5 pt, so the drop gate is wider here.
     data["gates"]["int8"]["lfw_accuracy_drop_max"] = 0.03
     data.pop("train")
-    data.pop("ablation")  # other weights files the full build also scores (tests/test_ablation.py)
     for key, value in changes.items():
         data[key] = value
     path = tmp_path / "recipe.yaml"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import shipped_recipe_dict
 from torch import nn
 
 from factory.augment import face_keys, strong_view, strong_views, view_generator
@@ -124,11 +125,9 @@ def test_teacher_cache_reuses_entries_and_refuses_stale_ones(tmp_path: Path) -> 
 
 
 def _recipe(tmp_path: Path, faces_root: Path, train: dict) -> Path:
-    data = yaml.safe_load((REPO / "recipes" / "mobilefacenet.yaml").read_text())
+    data = shipped_recipe_dict(faces_root)
     data["weights"] = {"path": str(tmp_path / "student.safetensors")}
-    data["data"]["root"] = str(faces_root)
     data["data"].pop("benchmarks")
-    data.pop("ablation")
     data["train"] = train
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(data))
