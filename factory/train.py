@@ -235,7 +235,9 @@ def train(
     channels_last = model_entry(recipe.model.architecture).channels_last_training
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = create_model(recipe.model.architecture, **recipe.model.builder_kwargs())
+    init_sha256 = None  # hashed now: the run's record must not depend on the file still being there at the end
     if cfg.init_from is not None:
+        init_sha256 = sha256_of(recipe.resolve(cfg.init_from))
         load_weights(model, recipe.resolve(cfg.init_from))
         log(f"initialised from {cfg.init_from}")
     model = model.to(device, memory_format=memory_format)
@@ -358,7 +360,7 @@ def train(
         "unlabelled_images": len(unlabelled),
         "epochs": cfg.epochs,
         "train_config": asdict(cfg),
-        **({"init_from_sha256": sha256_of(recipe.resolve(cfg.init_from))} if cfg.init_from else {}),
+        **({"init_from_sha256": init_sha256} if init_sha256 else {}),
         "history": history,
         "wall_time_s": history[-1]["elapsed_s"] if history else 0.0,
     }
