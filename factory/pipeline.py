@@ -156,7 +156,7 @@ def build_detector(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[
         StageGraph(stem=f"{recipe.name}_detector", graph=DeployedDetector, mean=DETECTOR_MEAN, std=DETECTOR_STD,
                    output_name="detections", output_shape=[1, OUTPUT_CHANNELS, cells, cells],
                    description="Face detector (LEFV stage 1) built by the mobile face-model factory: "
-                               "score, box and 5 landmarks per 16-pixel cell"),
+                               "score, box and 5 landmarks per 16-pixel cell", observer=cfg.observer),
         out, f"{len(held_out)} held-out photos")
     torch_latency = pytorch_latency(deployed, canvases[:1], recipe)
     return {
@@ -238,7 +238,8 @@ def build_normaliser(recipe: Recipe, out: Path, log: StageLog, printer: Callable
         StageGraph(stem=f"{recipe.name}_normaliser", graph=DeployedNormaliser, mean=[PIXEL_MEAN] * 3,
                    std=[PIXEL_SCALE] * 3, output_name="normalised", output_shape=[1, 3, size, size],
                    description="Face normaliser (LEFV stage 2) built by the mobile face-model factory: an aligned "
-                               "face's RGB pixels in, the normalised face's pixels out (NCHW, 0-255)"),
+                               "face's RGB pixels in, the normalised face's pixels out (NCHW, 0-255)",
+                   observer=cfg.observer),
         out, f"{len(faces)} held-out faces")
     return {
         "architecture": "lefv_normaliser",
@@ -266,6 +267,7 @@ class StageGraph:
     output_name: str
     output_shape: list[int]
     description: str
+    observer: str | None = None  # int8 activation observer (`factory.observers`); None: data.calibration.observer
 
 
 def compile_stage(recipe: Recipe, log: StageLog, printer: Callable[[str], None],
@@ -289,7 +291,7 @@ def compile_stage(recipe: Recipe, log: StageLog, printer: Callable[[str], None],
                 backbone=network, mean=stage.mean, std=stage.std, embedding_size=0, precision=precision,
                 calibration=calibration, output=out / f"{stage.stem}_{precision}{target.suffix}", stages=log,
                 graph=stage.graph, output_name=stage.output_name, output_shape=stage.output_shape,
-                description=stage.description, observer=recipe.data.calibration.observer,
+                description=stage.description, observer=stage.observer or recipe.data.calibration.observer,
             )
             artifact = target.compile(request)
             artifact.quantization = request.describe_quantization(artifact.quantization)

@@ -269,13 +269,15 @@ class DetectorConfig:
     """A pipeline's face detector, taught by MTCNN on raw photos (see `factory.detection`).
 
     `photos` lists the raw photos (a `raw-samples/landmarks.csv`-style file under data.root); every
-    `held_out_every`-th of them, in path order, is never trained on and scores the detector.
+    `held_out_every`-th of them, in path order, is never trained on and scores the detector. `observer` chooses
+    its int8 activation ranges (`factory.observers`); None: the recipe's `data.calibration.observer`.
     """
 
     weights: WeightsConfig
     photos: str = "raw-samples/landmarks.csv"
     held_out_every: int = 5
     input_size: int = 192
+    observer: ActivationObserver | None = None
     train: DetectorTrainConfig = field(default_factory=DetectorTrainConfig)
     gates: dict[Precision, DetectorGateConfig] = field(default_factory=_default_detector_gates)
 
@@ -325,12 +327,14 @@ class NormaliserConfig:
     """A pipeline's face normaliser (an encoder-decoder GAN generator, see `factory.normalisation`).
 
     `encoder` is the trained MobileFaceNet whose frozen layers encode the face (and whose embedding the identity
-    loss compares); `parity_faces` held-out evaluation faces check each artifact against PyTorch.
+    loss compares); `parity_faces` held-out evaluation faces check each artifact against PyTorch. `observer`
+    chooses its int8 activation ranges (`factory.observers`); None: the recipe's `data.calibration.observer`.
     """
 
     weights: WeightsConfig
     encoder: WeightsConfig
     parity_faces: int = 500
+    observer: ActivationObserver | None = None
     train: NormaliserTrainConfig = field(default_factory=NormaliserTrainConfig)
     gates: dict[Precision, NormaliserGateConfig] = field(default_factory=_default_normaliser_gates)
 

@@ -80,6 +80,25 @@ def test_detector_artifacts_reproduce_pytorch_detections(tmp_path: Path, detecto
     assert card.count("pass agreement >= ") == len(section["artifacts"])
 
 
+def test_a_stage_observer_sets_that_stage_s_int8_activation_ranges(tmp_path: Path, detector_recipe, drawn) -> None:
+    from dataclasses import replace
+
+    from factory.observers import DESCRIPTIONS
+    from factory.pipeline import build_detector
+
+    recipe, _ = detector_recipe
+    recipe = replace(recipe, targets=[replace(recipe.targets[0], format="tflite", precisions=["int8"])],
+                     pipeline=replace(recipe.pipeline, detector=replace(recipe.pipeline.detector,
+                                                                         observer="mean_min_max")))
+    assert recipe.data.calibration.observer == "default"
+    section, _ = build_detector(recipe, tmp_path, StageLog(lambda _line: None, tmp_path / "log"),
+                                lambda _line: None, _artifact_call, drawn)
+    (artifact,) = section["artifacts"]
+    assert DESCRIPTIONS["mean_min_max"] in artifact["quantization"], artifact["quantization"]
+    # Ranges from the mean of each canvas's min and max still reproduce PyTorch's detections closely.
+    assert artifact["parity"]["map_cosine_mean"] > 0.97, artifact["parity"]
+
+
 def test_detection_parity_counts_missing_and_moved_faces(drawn) -> None:
     photos = drawn[1][:3]
     reference = np.zeros((3, 15, 6, 6), np.float32)  # boxes of 64 x 64 px centred on their cell

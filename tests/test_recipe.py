@@ -182,6 +182,22 @@ def test_pipeline_normaliser_settings_are_checked(tmp_path: Path, data_root: Pat
     assert "pipeline.detector" not in joined
 
 
+def test_pipeline_stage_observer_overrides_the_recipe_observer_and_is_checked(tmp_path: Path,
+                                                                                data_root: Path) -> None:
+    data = recipe_dict(data_root)
+    (data_root / "photos.csv").write_text("raw_image,aligned_reference,landmarks_xy_source_pixels\n")
+    (tmp_path / "encoder.st").write_bytes(b"")
+    data["pipeline"] = {"detector": {"weights": {"path": "d.safetensors"}, "photos": "photos.csv"},
+                        "normaliser": {"weights": {"path": "n.safetensors"}, "encoder": {"path": "encoder.st"},
+                                       "observer": "mean_min_max"}}
+    recipe = load_recipe(write(tmp_path, data))
+    assert recipe.data.calibration.observer == "default"
+    assert recipe.pipeline.detector.observer is None and recipe.pipeline.normaliser.observer == "mean_min_max"
+    data["pipeline"]["detector"]["observer"] = "histogram"
+    joined = "\n".join(problems_of(write(tmp_path, data)))
+    assert "pipeline.detector.observer: 'histogram' is not one of" in joined
+
+
 @pytest.mark.parametrize("stage", ["detector", "normaliser"])
 def test_training_a_pipeline_stage_needs_a_pipeline_recipe(tmp_path: Path, data_root: Path, stage: str) -> None:
     path = write(tmp_path, recipe_dict(data_root))
