@@ -604,9 +604,8 @@ def _check_rules(recipe: Recipe, problems: list[str]) -> None:
                     problems.append(f"pipeline.normaliser.train.{name}: must be 0 or more")
             encoder = recipe.resolve(normaliser.encoder.path)
             if not encoder.is_file():
-                problems.append(f"pipeline.normaliser.encoder.path: file not found: {encoder} (the label-only "
-                                "MobileFaceNet: `python -m factory train "
-                                "recipes/candidates/mobilefacenet_labels.yaml`)")
+                problems.append(f"pipeline.normaliser.encoder.path: file not found: {encoder} (a trained "
+                                "MobileFaceNet's weights: `python -m factory train recipes/mobilefacenet.yaml`)")
     weights = recipe.resolve(recipe.weights.path) if recipe.weights is not None else None
     if weights is not None and not weights.is_file() and recipe.train is None:
         problems.append(f"weights.path: file not found: {weights}, and there is no 'train' section to make it")

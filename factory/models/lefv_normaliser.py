@@ -4,7 +4,7 @@ The normalisation stage of the LEFV system (ICVIP 2019): an encoder-decoder gene
 (any pose, expression, lighting) to a normalised, frontal-looking one before the recogniser embeds it. It is
 trained with adversarial, identity-preserving, pixel and symmetry losses (the paper's Eq. 5-9; see
 `factory.normalisation`). What the paper fixes, and this module follows: the encoder is a frozen
-MobileFaceNet (here the project's own trained `recipes/weights/mobilefacenet_labels.safetensors`).
+MobileFaceNet (here the project's own, `pipeline.normaliser.encoder` of `recipes/lefv.yaml`).
 
 Choices made here (the paper's layer table was not available to the tools this module was written with):
 
