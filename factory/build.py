@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from factory import gates
 from factory.ablation import ablation_rows
 from factory.data import load_images, read_split, sample_paths
 from factory.deploy import Embedder
@@ -27,12 +28,12 @@ from factory.evaluation import EvaluationSet, load_evaluation_set, load_pair_set
 from factory.golden import write_golden
 from factory.io import artifact_bytes, display_path, write_text_atomic
 from factory.latency import all_threads, time_calls
-from factory.metrics import check_gates, cosine_rows, cosine_summary, flip_rate
+from factory.metrics import cosine_rows, cosine_summary, flip_rate
 from factory.models import create_model, model_entry
 from factory.peers import onnx_runtime_call, onnx_workdir, torch_eager_call
 from factory.plots import plot_cosine_histograms, plot_roc
 from factory.profile import count_macs, count_parameters
-from factory.recipe import MIN_CALIBRATION_FACES, GateConfig, Recipe, data_path
+from factory.recipe import MIN_CALIBRATION_FACES, Recipe, data_path
 from factory.report import write_reports
 from factory.stages import Stage, StageLog, console_printer, output_to
 from factory.targets import CompiledArtifact, CompileRequest, Target, get_target
@@ -109,18 +110,6 @@ def load_calibration(recipe: Recipe, excluded: set[Path]) -> tuple[np.ndarray, l
     if recipe.model.input.color_order == "BGR":
         pixels = pixels[..., ::-1]
     return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2).astype(np.float32)), paths
-
-
-def evaluate_gates(gate: GateConfig | None, parity: dict[str, float]) -> list[dict[str, Any]]:
-    """Each configured gate with its measured value and whether it passed."""
-    if gate is None:
-        return []
-    return check_gates([
-        ("cosine_mean", gate.cosine_mean_min, ">="),
-        ("cosine_min", gate.cosine_min_min, ">="),
-        ("lfw_accuracy_drop", gate.lfw_accuracy_drop_max, "<="),
-        ("flip_rate", gate.flip_rate_max, "<="),
-    ], parity)
 
 
 def _parity(
@@ -257,12 +246,12 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
             cosines[artifact.path.name] = cosine_rows(embeddings, pairs_reference)
             gate = recipe.gates.get(artifact.precision)
             entry.update(verified_by=target.runtime_name, status="verified", parity=parity,
-                         gates=evaluate_gates(gate, parity))
+                         gates=gates.evaluate(gate, parity))
             for runtime, other_runner in target.extra_runners(artifact.path).items():
                 other, _ = _parity(other_runner(pairs_set.pixels(artifact.input_layout)), pairs_reference,
                                    pairs_set, pairs_verification)
                 entry["other_runtimes"].append({"verified_by": runtime, "parity": other,
-                                                "gates": evaluate_gates(gate, other)})
+                                                "gates": gates.evaluate(gate, other)})
         if pairs_set is not evaluation:
             printer(f"  {artifact.path.name}: emulated, so verified on {len(pairs_set.pairs)} of "
                     f"{len(evaluation.pairs)} pairs (data.evaluation.emulated_max_pairs); further benchmarks skipped")

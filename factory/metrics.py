@@ -94,22 +94,3 @@ def tar_at_far(similarities: np.ndarray, same: np.ndarray, far: float) -> float:
         return float("nan")
     threshold = impostors[allowed] if allowed < len(impostors) else -np.inf
     return float(np.mean(genuine > threshold))
-
-
-GATE_TOLERANCE = 1e-9
-
-
-def check_gates(checks: list[tuple[str, float | None, str]], values: dict[str, float]) -> list[dict[str, object]]:
-    """Each (metric, threshold, ">=" or "<=") whose threshold is set, with the measured value and whether it passed."""
-    results = []
-    for metric, threshold, op in checks:
-        if threshold is None:
-            continue
-        value = values[metric]
-        # A value equal to its threshold passes: differences of fold-averaged accuracies carry float noise
-        # (82.00% - 81.50% = 0.0050000000000000044), far below one pair in any protocol.
-        passed = value >= threshold - GATE_TOLERANCE if op == ">=" else value <= threshold + GATE_TOLERANCE
-        results.append({"name": f"{metric} {op} {threshold}", "metric": metric, "value": value,
-                        "threshold": threshold, "op": op, "passed": bool(passed),
-                        "margin": value - threshold if op == ">=" else threshold - value})
-    return results

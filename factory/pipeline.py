@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from factory import gates
 from factory.align.template import align_face
 from factory.data import load_images
 from factory.detection import (
@@ -43,13 +44,12 @@ from factory.detection import (
 from factory.evaluation import EvaluationSet, torch_embeddings
 from factory.io import artifact_bytes
 from factory.latency import all_threads, time_calls
-from factory.metrics import check_gates
 from factory.models.lefv_detector import OUTPUT_CHANNELS, STRIDE, LEFVDetector
 from factory.models.lefv_normaliser import Normaliser
 from factory.models.mobilefacenet import MobileFaceNet
 from factory.normalisation import PIXEL_MEAN, PIXEL_SCALE, DeployedNormaliser, identity_report, normalise_pixels
 from factory.profile import count_macs, count_parameters
-from factory.recipe import DetectorGateConfig, NormaliserGateConfig, Recipe
+from factory.recipe import Recipe
 from factory.stages import Stage, StageLog
 from factory.targets import CompileRequest, get_target
 from factory.weights import load_weights, sha256_of, training_summary
@@ -104,17 +104,6 @@ def detection_parity(outputs: np.ndarray, reference: np.ndarray, scales: list[fl
     }
 
 
-def evaluate_detector_gates(gate: DetectorGateConfig | None, parity: dict[str, float]) -> list[dict[str, Any]]:
-    """Each configured detector gate with its measured value and whether it passed."""
-    if gate is None:
-        return []
-    return check_gates([
-        ("agreement", gate.agreement_min, ">="), ("box_iou_mean", gate.box_iou_mean_min, ">="),
-        ("landmark_error_mean", gate.landmark_error_mean_max, "<="),
-        ("map_cosine_mean", gate.map_cosine_mean_min, ">="), ("recall_drop", gate.recall_drop_max, "<="),
-    ], parity)
-
-
 def build_detector(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], None],
                    latency_call: Callable[[Any, Path, np.ndarray], Callable[[int], Callable[[], object]]],
                    photos: tuple[list[Photo], list[Photo]]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -149,7 +138,7 @@ def build_detector(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[
         teacher = score_detector(_single(runner, layout), held_out, size).summary()
         parity["recall_drop"] = reference_score["recall"] - teacher["recall"]
         entry.update(parity=parity, teacher=teacher,
-                     gates=evaluate_detector_gates(cfg.gates.get(entry["precision"]), parity))
+                     gates=gates.evaluate(cfg.gates.get(entry["precision"]), parity))
 
     artifacts = compile_stage(
         recipe, log, printer, latency_call, network, calibration, canvases, verify, runners,
@@ -192,14 +181,6 @@ def normaliser_parity(outputs: np.ndarray, reference: np.ndarray, reference_embe
     }
 
 
-def evaluate_normaliser_gates(gate: NormaliserGateConfig | None, parity: dict[str, float]) -> list[dict[str, Any]]:
-    """Each configured normaliser gate with its measured value and whether it passed."""
-    if gate is None:
-        return []
-    return check_gates([("embedding_cosine_mean", gate.embedding_cosine_mean_min, ">="),
-                        ("pixel_error_mean", gate.pixel_error_mean_max, "<=")], parity)
-
-
 def build_normaliser(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], None],
                      latency_call: Callable[[Any, Path, np.ndarray], Callable[[int], Callable[[], object]]],
                      evaluation: EvaluationSet, calibration: np.ndarray, recogniser: nn.Module,
@@ -230,7 +211,7 @@ def build_normaliser(recipe: Recipe, out: Path, log: StageLog, printer: Callable
     def verify(runner: Callable[[np.ndarray], np.ndarray], layout: str, entry: dict[str, Any]) -> None:
         outputs = _single(runner, layout)(faces)
         parity = normaliser_parity(outputs, reference, reference_embeddings, recogniser)
-        entry.update(parity=parity, gates=evaluate_normaliser_gates(cfg.gates.get(entry["precision"]), parity))
+        entry.update(parity=parity, gates=gates.evaluate(cfg.gates.get(entry["precision"]), parity))
 
     size = recipe.model.input.size
     artifacts = compile_stage(

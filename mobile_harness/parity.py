@@ -2,7 +2,7 @@
 
 The same measures and gates as the factory's host verification (cosine mean / min / p1 per face,
 decision flips over pairs at the reference threshold); the gates are read from the manifest's
-resolved recipe, never restated here.
+resolved recipe and checked by the factory's own gate code (`factory.gates`), never restated here.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 
-# Gate keys of the recipe schema and the measured value each one bounds.
-_GATES = (("cosine_mean_min", "cosine_mean", ">="), ("cosine_min_min", "cosine_min", ">="),
-          ("flip_rate_max", "flip_rate", "<="), ("lfw_accuracy_drop_max", "lfw_accuracy_drop", "<="))
+from factory import gates
+
+# A gate the phone cannot check: LFW accuracy needs the full 10-fold protocol, which the golden subset is not.
+UNMEASURED = "not measured on the device (needs the full LFW protocol; see the host report)"
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -39,21 +40,8 @@ def parity(embeddings: np.ndarray, reference: np.ndarray, pairs: list[list[int]]
 
 
 def evaluate_gates(gate: dict[str, float | None] | None, measured: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each configured gate with its measured value and whether it passed.
+    """Each configured gate with its measured value and whether it passed (`factory.gates.evaluate`).
 
-    A gate on a value the phone cannot measure (LFW accuracy needs the full 10-fold protocol, which
-    the golden subset is not) is listed as not measured rather than silently dropped.
+    A gate on a value the phone cannot measure is listed as not measured rather than silently dropped.
     """
-    results = []
-    for key, metric, op in _GATES:
-        threshold = (gate or {}).get(key)
-        if threshold is None:
-            continue
-        if metric not in measured:
-            results.append({"metric": metric, "op": op, "threshold": threshold, "value": None, "passed": None,
-                            "note": "not measured on the device (needs the full LFW protocol; see the host report)"})
-            continue
-        value = measured[metric]
-        passed = value >= threshold if op == ">=" else value <= threshold
-        results.append({"metric": metric, "op": op, "threshold": threshold, "value": value, "passed": bool(passed)})
-    return results
+    return gates.evaluate(gate, measured, unmeasured=UNMEASURED)

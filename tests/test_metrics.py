@@ -1,16 +1,19 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
+from factory import gates
 from factory.metrics import (
     accuracy_at,
     best_threshold,
-    check_gates,
     cosine_summary,
     flip_rate,
     k_fold_accuracy,
     pair_similarities,
     tar_at_far,
 )
+from factory.recipe import DetectorGateConfig, GateConfig, NormaliserGateConfig
 
 
 def test_best_threshold_on_a_hand_computed_example() -> None:
@@ -75,10 +78,25 @@ def test_tar_at_far_on_a_hand_computed_example() -> None:
 
 
 def test_a_value_at_its_threshold_passes_despite_float_noise() -> None:
+    gate = GateConfig(cosine_mean_min=0.99, lfw_accuracy_drop_max=0.005)
     drop = 0.82 - 0.815  # 6 pairs of 1,200: exactly 0.5 pt, 0.0050000000000000044 in floating point
-    results = check_gates([("lfw_accuracy_drop", 0.005, "<="), ("cosine_mean", 0.99, ">=")],
-                          {"lfw_accuracy_drop": drop, "cosine_mean": 0.99 - 1e-12})
-    assert [r["passed"] for r in results] == [True, True]
-    over = check_gates([("lfw_accuracy_drop", 0.005, "<="), ("cosine_mean", 0.99, ">=")],
-                       {"lfw_accuracy_drop": 0.82 - 0.8142, "cosine_mean": 0.9899})
+    results = gates.evaluate(gate, {"lfw_accuracy_drop": drop, "cosine_mean": 0.99 - 1e-12})
+    assert [(r["metric"], r["passed"]) for r in results] == [("cosine_mean", True), ("lfw_accuracy_drop", True)]
+    over = gates.evaluate(gate, {"lfw_accuracy_drop": 0.82 - 0.8142, "cosine_mean": 0.9899})
     assert [r["passed"] for r in over] == [False, False]
+    assert over[0]["margin"] == pytest.approx(-0.0001) and over[0]["name"] == "cosine_mean >= 0.99"
+
+
+def test_every_gate_schema_is_read_by_its_key_suffix() -> None:
+    # Dataclass and mapping (the manifest's resolved recipe, as the phone reads it) give the same checks.
+    detector = DetectorGateConfig(agreement_min=0.92, landmark_error_mean_max=0.07)
+    assert gates.checks(detector) == [("agreement", 0.92, ">="), ("landmark_error_mean", 0.07, "<=")]
+    assert gates.checks(dataclasses.asdict(detector)) == gates.checks(detector)
+    normaliser = NormaliserGateConfig(embedding_cosine_mean_min=0.98, pixel_error_mean_max=3.6)
+    results = gates.evaluate(normaliser, {"embedding_cosine_mean": 0.987, "pixel_error_mean": 3.7})
+    assert [r["passed"] for r in results] == [True, False]
+    assert gates.checks(None) == [] and gates.evaluate(GateConfig(), {}) == []
+    with pytest.raises(KeyError):  # the host must measure what it gates
+        gates.evaluate(GateConfig(flip_rate_max=0.01), {"cosine_mean": 1.0})
+    with pytest.raises(ValueError, match="end in _min or _max"):
+        gates.checks({"cosine_mean": 0.99})
