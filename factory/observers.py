@@ -2,7 +2,8 @@
 
 Each PT2E quantiser brings its own activation observer (XNNPACK's and litert-torch's: a histogram whose range
 minimises the L2 quantisation error of every value seen; the factory's Core ML setting: plain min/max). A recipe
-may replace it for every target with `data.calibration.observer`:
+may replace it for every target with `data.calibration.observer`, and a pipeline stage for its own artifacts with
+`pipeline.detector.observer` or `pipeline.normaliser.observer`:
 
 - `default`: each target's own observer, as above.
 - `min_max`: the smallest and largest value over all calibration faces.
