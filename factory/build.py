@@ -224,12 +224,6 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
             "verified_by": None, "status": None, "parity": None, "gates": [], "latency_ms": None,
             "other_runtimes": [], "benchmarks": {},
         }
-        unsupported = target.host_support()
-        if unsupported is not None:
-            entry["status"] = unsupported
-            printer(f"[verify] {artifact.path.name}: {unsupported}")
-            artifacts.append(entry)
-            continue
         pairs_set, pairs_reference, pairs_verification = evaluation, reference, ref_verification
         limit = recipe.data.evaluation.emulated_max_pairs
         if not target.host_latency and limit is not None and limit < len(evaluation.pairs):

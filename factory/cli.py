@@ -101,8 +101,8 @@ def _list(args: argparse.Namespace) -> int:
     print("targets:")
     for name in target_names():
         target = get_target(name)
-        note = target.host_support() or "runs on this host"
-        print(f"  {name:<16} {target.suffix:<12} precisions: {', '.join(target.precisions):<12} {note}")
+        print(f"  {name:<16} {target.suffix:<12} precisions: {', '.join(target.precisions):<14} "
+              f"verified here by {target.runtime_name}")
     return 0
 
 

@@ -160,8 +160,6 @@ def evaluate(recipe: Recipe, artifact: Path | None = None, flip: bool = False) -
             raise FactoryError(f"artifact not found: {artifact} — build it with `python -m factory build RECIPE`")
         target = target_for_path(artifact)
         runner = target.load_runner(artifact)
-        if runner is None:
-            raise FactoryError(f"{artifact}: {target.host_support()}")
         layout = "NHWC" if target.format == "tflite" else "NCHW"
         subject = f"{artifact.name} in {target.runtime_name}"
         embed = runner

@@ -127,7 +127,6 @@ def test_coreml_int8_activation_ranges_count_every_calibration_face_in_any_order
 @pytest.mark.skipif(platform.system() == "Darwin", reason="off macOS only: the reference interpreter verifies")
 def test_coreml_off_macos_is_verified_by_the_reference_interpreter_and_not_timed() -> None:
     target = get_target("coreml")
-    assert target.host_support() is None
     assert target.runtime_name == "Core ML reference interpreter (factory, fp16 emulation)"
     assert target.host_latency is False
     assert target.extra_runners(Path("unused.mlpackage")) == {}

@@ -155,11 +155,8 @@ class Target(Protocol):
     def compile(self, request: CompileRequest) -> CompiledArtifact:
         """Write the artifact to `request.output` (atomically) and describe it."""
 
-    def load_runner(self, path: Path, threads: int | None = None) -> Runner | None:
-        """A host runner for the artifact, or None when this host cannot execute the format."""
-
-    def host_support(self) -> str | None:
-        """None when artifacts run on this host, else why not (shown in reports)."""
+    def load_runner(self, path: Path, threads: int | None = None) -> Runner:
+        """A host runner for the artifact (every format runs on every host: Core ML off macOS in the interpreter)."""
 
     def extra_runners(self, path: Path) -> dict[str, Runner]:
         """Further runtimes on this host that also run the artifact, by name; each is verified as its own row."""

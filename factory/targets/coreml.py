@@ -172,9 +172,5 @@ class CoreMLTarget:
             return {}
         return {f"Core ML runtime (macOS, {unit})": self._runtime_runner(path, unit) for unit in EXTRA_COMPUTE_UNITS}
 
-    def host_support(self) -> str | None:
-        # Every host can verify: Apple's runtime on macOS, the reference interpreter elsewhere.
-        return None
-
 
 register_target(CoreMLTarget())

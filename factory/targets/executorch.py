@@ -118,9 +118,6 @@ class ExecuTorchTarget:
     def extra_runners(self, path: Path) -> dict[str, Runner]:
         return {}
 
-    def host_support(self) -> str | None:
-        return None
-
 
 # c10::ScalarType codes as the runtime's metadata reports them.
 _SCALAR_TYPES = {0: "uint8", 1: "int8", 3: "int32", 4: "int64", 5: "float16", 6: "float32", 15: "bfloat16"}

@@ -179,8 +179,5 @@ class TFLiteTarget:
     def extra_runners(self, path: Path) -> dict[str, Runner]:
         return {}
 
-    def host_support(self) -> str | None:
-        return None
-
 
 register_target(TFLiteTarget())
