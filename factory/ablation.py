@@ -13,9 +13,9 @@ from typing import Any
 
 from factory.deploy import Embedder
 from factory.evaluation import EvaluationSet, torch_embeddings
-from factory.models import create_model
+from factory.models import load_backbone
 from factory.recipe import Recipe
-from factory.weights import load_weights, sha256_of, training_summary
+from factory.weights import sha256_of, training_summary
 
 
 def training_row(training: dict[str, Any] | None) -> dict[str, Any]:
@@ -47,8 +47,7 @@ def ablation_rows(recipe: Recipe, evaluation: EvaluationSet) -> list[dict[str, A
     rows = []
     for run in recipe.ablation:
         path = recipe.resolve(run.weights.path)
-        backbone = load_weights(create_model(recipe.model.architecture, **recipe.model.builder_kwargs()), path,
-                                run.weights.sha256)
+        backbone = load_backbone(recipe, path, run.weights.sha256)
         embedder = Embedder(backbone, spec.mean, spec.std, recipe.model.embedding_size).eval()
         verification = evaluation.verification(torch_embeddings(embedder, pixels))
         rows.append({

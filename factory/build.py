@@ -29,7 +29,7 @@ from factory.golden import write_golden
 from factory.io import artifact_bytes, display_path, write_text_atomic
 from factory.latency import all_threads, time_calls
 from factory.metrics import cosine_rows, cosine_summary, flip_rate
-from factory.models import create_model, model_entry
+from factory.models import load_backbone, model_entry, weights_provenance
 from factory.peers import onnx_runtime_call, onnx_workdir, torch_eager_call
 from factory.plots import plot_cosine_histograms, plot_roc
 from factory.profile import count_macs, count_parameters
@@ -37,7 +37,7 @@ from factory.recipe import MIN_CALIBRATION_FACES, Recipe, data_path
 from factory.report import write_reports
 from factory.stages import Stage, StageLog, console_printer, output_to
 from factory.targets import CompiledArtifact, CompileRequest, Target, get_target
-from factory.weights import load_weights, sha256_of, training_summary
+from factory.weights import sha256_of
 
 TOOL_PACKAGES = ("torch", "executorch", "litert-torch", "ai-edge-litert", "coremltools", "onnxruntime", "numpy")
 
@@ -64,30 +64,6 @@ def tool_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[package] = "not installed"
     return versions
-
-
-def load_backbone(recipe: Recipe) -> torch.nn.Module:
-    """The recipe's architecture with its weights, in eval mode: the trained safetensors file of `weights.path`,
-    or, for an architecture imported with its pretrained weights, the ones its builder converts."""
-    model = create_model(recipe.model.architecture, **recipe.model.builder_kwargs())
-    if model_entry(recipe.model.architecture).imported is not None:
-        return model.eval()
-    return load_weights(model, recipe.resolve(recipe.weights.path), recipe.weights.sha256)
-
-
-def weights_provenance(recipe: Recipe) -> dict[str, Any]:
-    """Where the recipe's weights come from, for the report: the trained file's sha256 and training log, or the
-    imported source (repository, licence, training data, sha256 of each source file)."""
-    imported = model_entry(recipe.model.architecture).imported
-    if imported is None:
-        path = recipe.resolve(recipe.weights.path)
-        return {"weights_file": recipe.weights.path, "weights_sha256": sha256_of(path),
-                "training": training_summary(path)}
-    return {"weights_sha256": None, "training": None, "imported": {
-        "source": imported.source, "licence": imported.licence, "training_data": imported.training_data,
-        "input_normalisation": imported.input_normalisation,
-        "files": {path.name: sha256_of(path) for path in imported.files()},
-    }}
 
 
 def load_calibration(recipe: Recipe, excluded: set[Path]) -> tuple[np.ndarray, list[Path]]:

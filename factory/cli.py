@@ -6,8 +6,21 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from factory.errors import FactoryError
+
+if TYPE_CHECKING:
+    from factory.recipe import Recipe
+
+
+def _load_recipe(args: argparse.Namespace) -> Recipe:
+    """The recipe named on the command line; without --data-root, a missing data root falls back to fetched LFW."""
+    from factory.fetch import use_lfw_if_no_data
+    from factory.recipe import load_recipe
+
+    return load_recipe(args.recipe, data_root=args.data_root,
+                       if_no_data=use_lfw_if_no_data if args.data_root is None else None)
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -115,10 +128,9 @@ def _train(args: argparse.Namespace) -> int:
 
     from factory.curve import pair_scorer
     from factory.evaluation import load_evaluation_set
-    from factory.recipe import load_recipe
     from factory.train import train
 
-    recipe = load_recipe(args.recipe, data_root=args.data_root, fallback_to_lfw=args.data_root is None)
+    recipe = _load_recipe(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.stage == "detector":
@@ -162,9 +174,8 @@ def _curve(args: argparse.Namespace) -> int:
     import torch
 
     from factory.curve import learning_curve
-    from factory.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, data_root=args.data_root, fallback_to_lfw=args.data_root is None)
+    recipe = _load_recipe(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     out_dir = Path(args.out) if args.out else Path("reports") / recipe.name
@@ -176,9 +187,8 @@ def _curve(args: argparse.Namespace) -> int:
 
 def _build(args: argparse.Namespace) -> int:
     from factory.build import build
-    from factory.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, data_root=args.data_root, fallback_to_lfw=args.data_root is None)
+    recipe = _load_recipe(args)
     result = build(recipe, Path(args.out) if args.out else None)
     print(f"\n{result.report['verdict'].upper()}: report in {result.out_dir / 'report.md'}")
     return 0 if result.passed else 1
@@ -209,9 +219,8 @@ def _eval(args: argparse.Namespace) -> int:
     import json
 
     from factory.evaluation import evaluate
-    from factory.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, data_root=args.data_root, fallback_to_lfw=args.data_root is None)
+    recipe = _load_recipe(args)
     if args.pairs:
         recipe.data.evaluation.pairs = str(Path(args.pairs).resolve())
         recipe.data.evaluation.images = str(Path(args.images or Path(args.pairs).parent).resolve())
@@ -267,7 +276,7 @@ def _teacher_eval(args: argparse.Namespace) -> int:
     import json
 
     from factory.teachers import load_teacher
-    from factory.teachers.evaluate import DEFAULT_PAIRS, evaluate_teacher
+    from factory.teacher_eval import DEFAULT_PAIRS, evaluate_teacher
 
     pairs = Path(args.pairs) if args.pairs else DEFAULT_PAIRS
     result = evaluate_teacher(load_teacher(args.name, device=args.device), pairs,
@@ -286,7 +295,7 @@ def _teacher_fit_dlib_chip(args: argparse.Namespace) -> int:
 
     from factory.teachers.dlib_chip import CROP_TO_CHIP, raw_sample_alignments, summarise_fit
     from factory.teachers.dlib_resnet import chip_agreement, load
-    from factory.teachers.evaluate import SHARED_FACES
+    from factory.teacher_eval import SHARED_FACES
 
     alignments, skipped = raw_sample_alignments(Path(args.data_root) if args.data_root else SHARED_FACES, args.limit)
     fit = summarise_fit(alignments, skipped)

@@ -20,9 +20,8 @@ from factory.deploy import Embedder
 from factory.errors import FactoryError
 from factory.evaluation import EvaluationSet, load_evaluation_set, load_pair_set, torch_embeddings
 from factory.io import atomic_path, display_path, write_text_atomic
-from factory.models import create_model
+from factory.models import load_backbone
 from factory.recipe import Recipe
-from factory.weights import load_weights
 
 
 def pair_scorer(recipe: Recipe, evaluation: EvaluationSet) -> Callable[[torch.nn.Module], dict[str, float]]:
@@ -89,8 +88,7 @@ def learning_curve(
         weights = out_dir / ".curve" / f"fraction-{fraction:g}-epochs-{epochs}.safetensors"
         log(f"--- {fraction:g} of the training identities, {epochs} epochs")
         summary = train(run_recipe, weights, device=device, evaluate=score, log=log, evaluate_every_epoch=True)
-        final = score_all(load_weights(create_model(recipe.model.architecture, **recipe.model.builder_kwargs()),
-                                       weights))
+        final = score_all(load_backbone(recipe, weights))
         curve["runs"].append({
             "identity_fraction": fraction,
             "images": summary["images"],
@@ -117,9 +115,7 @@ def _shipped_point(recipe: Recipe, score: Callable[[torch.nn.Module], dict[str, 
     if not weights.is_file() or not log_file.is_file():
         return None
     training = json.loads(log_file.read_text())
-    model = load_weights(create_model(recipe.model.architecture, **recipe.model.builder_kwargs()), weights,
-                         recipe.weights.sha256)
-    result = score(model)
+    result = score(load_backbone(recipe))
     return {"weights": recipe.weights.path, "epochs": training["epochs"], "images": training["images"],
             "identities": training["identities"], "device": training["device"],
             "train_time_s": training["wall_time_s"], "accuracy": result["lfw_accuracy"],

@@ -13,7 +13,6 @@ is the detector's input size, place it at the top-left of a black square canvas,
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from factory.align.mtcnn import MTCNN, nms
-from factory.align.prepare import read_photo
+from factory.align.prepare import read_photo, read_raw_samples
 from factory.errors import FactoryError
 from factory.io import atomic_path
 from factory.models.lefv_detector import OUTPUT_CHANNELS, REGRESSION_SCALE, STRIDE, LEFVDetector
@@ -65,26 +64,6 @@ class Photo:
     faces: list[Face]
     reference: Face | None = None
     aligned_reference: Path | None = None
-
-
-def read_raw_samples(root: Path, landmarks_csv: Path) -> list[tuple[Path, np.ndarray, Path | None]]:
-    """The raw photos listed in `landmarks_csv` (paths relative to `root`): each with its reference landmarks
-    and the shared data's aligned crop of that face (None where the list names none)."""
-    if not landmarks_csv.is_file():
-        raise FactoryError(f"raw-photo list not found: {landmarks_csv}; it comes with the shared face data "
-                           "(../shared/data/faces/raw-samples/landmarks.csv)")
-    out = []
-    with landmarks_csv.open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            path = root / row["raw_image"]
-            if not path.is_file():
-                raise FactoryError(f"{landmarks_csv} lists {row['raw_image']}, which is not under {root}")
-            aligned = root / row["aligned_reference"] if row.get("aligned_reference") else None
-            out.append((path, np.array(row["landmarks_xy_source_pixels"].split(), np.float32).reshape(5, 2),
-                        aligned if aligned is not None and aligned.is_file() else None))
-    if not out:
-        raise FactoryError(f"{landmarks_csv} lists no photos")
-    return out
 
 
 def teacher_photos(samples: Sequence[tuple[Path, np.ndarray, Path | None]], teacher: MTCNN | None = None,

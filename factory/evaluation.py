@@ -143,7 +143,7 @@ def evaluate(recipe: Recipe, artifact: Path | None = None, flip: bool = False) -
 
     The same code computes the build report's numbers, so results are comparable across formats.
     """
-    from factory.build import load_backbone
+    from factory.models import load_backbone
     from factory.targets import target_for_path
 
     evaluation = load_evaluation_set(recipe)

@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -210,3 +211,25 @@ def lfw_fallback(missing_root: Path, log: Callable[[str], None] = print) -> Path
             "`python -m factory data fetch lfw` on a machine with internet access."
         ) from None
     return root
+
+
+def use_lfw_if_no_data(data: Any, path: Path) -> None:
+    """Point a recipe whose data root is missing at fetched LFW (fetching it if needed).
+
+    LFW's own View-2 pairs become the evaluation set; calibration (and training, if the weights are
+    missing) use the images of LFW identities that appear in no test pair.
+    """
+    section = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(section, dict) or not isinstance(section.get("root"), str):
+        return  # the schema check reports it
+    root = Path(section["root"]).expanduser()
+    root = root if root.is_absolute() else path.parent / root
+    if root.is_dir():
+        return
+    section["root"] = str(lfw_fallback(root.resolve()))
+    if isinstance(section.get("calibration"), dict):
+        section["calibration"]["split"] = "lfw/train.txt"
+    section["evaluation"] = {**(section.get("evaluation") or {}), "pairs": "lfw/pairs.txt", "images": "lfw/aligned"}
+    if isinstance(data.get("train"), dict):
+        data["train"]["split"] = "lfw/train.txt"
+    section.pop("benchmarks", None)  # they name files of the missing data root

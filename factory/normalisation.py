@@ -239,8 +239,8 @@ def encoder_path(recipe: Recipe) -> Path:
 def train_normaliser_stage(recipe: Recipe, output: Path, log: Callable[[str], None] = print) -> dict:
     """`factory train RECIPE --stage normaliser`: train on the recipe's training split, score identity keeping on
     LFW with the recipe's recogniser, save weights and the log."""
-    from factory.build import load_backbone
     from factory.evaluation import load_evaluation_set
+    from factory.models import load_backbone
 
     if recipe.pipeline is None or recipe.pipeline.normaliser is None:
         raise FactoryError(f"recipe {recipe.name!r} has no 'pipeline.normaliser' section, so no normaliser to train")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -678,14 +679,15 @@ def parse_recipe(data: Any, path: Path) -> Recipe:
     return recipe
 
 
-def load_recipe(path: str | Path, data_root: str | None = None, fallback_to_lfw: bool = False) -> Recipe:
+def load_recipe(path: str | Path, data_root: str | None = None,
+                if_no_data: Callable[[dict[str, Any], Path], None] | None = None) -> Recipe:
     """Read, validate and resolve a recipe file.
 
     Args:
         path: The YAML recipe.
         data_root: Overrides `data.root` (e.g. a user's own face folder), before validation.
-        fallback_to_lfw: When the data root does not exist, use LFW from `factory data fetch lfw`
-            (fetching it first if no complete copy is cached) instead of failing.
+        if_no_data: Called with the parsed mapping and the recipe's path before validation; it may point a
+            recipe whose data root is missing at other data (the CLI passes `factory.fetch.use_lfw_if_no_data`).
     """
     path = Path(path)
     if not path.is_file():
@@ -696,33 +698,9 @@ def load_recipe(path: str | Path, data_root: str | None = None, fallback_to_lfw:
         raise RecipeError(str(path), [f"not valid YAML: {error}"]) from None
     if data_root is not None and isinstance(data, dict) and isinstance(data.get("data"), dict):
         data["data"]["root"] = str(Path(data_root).resolve())
-    if fallback_to_lfw:
-        _use_lfw_if_no_data(data, path)
+    if if_no_data is not None:
+        if_no_data(data, path)
     return parse_recipe(data, path)
-
-
-def _use_lfw_if_no_data(data: Any, path: Path) -> None:
-    """Point a recipe whose data root is missing at fetched LFW (fetching it if needed).
-
-    LFW's own View-2 pairs become the evaluation set; calibration (and training, if the weights are
-    missing) use the images of LFW identities that appear in no test pair.
-    """
-    section = data.get("data") if isinstance(data, dict) else None
-    if not isinstance(section, dict) or not isinstance(section.get("root"), str):
-        return  # the schema check reports it
-    root = Path(section["root"]).expanduser()
-    root = root if root.is_absolute() else path.parent / root
-    if root.is_dir():
-        return
-    from factory.fetch import lfw_fallback
-
-    section["root"] = str(lfw_fallback(root.resolve()))
-    if isinstance(section.get("calibration"), dict):
-        section["calibration"]["split"] = "lfw/train.txt"
-    section["evaluation"] = {**(section.get("evaluation") or {}), "pairs": "lfw/pairs.txt", "images": "lfw/aligned"}
-    if isinstance(data.get("train"), dict):
-        data["train"]["split"] = "lfw/train.txt"
-    section.pop("benchmarks", None)  # they name files of the missing data root
 
 
 def data_path(recipe: Recipe, relative: str) -> Path:

@@ -550,9 +550,9 @@ def test_fp32_program_of_the_shipped_mobilefacenet_matches_pytorch_on_real_faces
     """The whole interpreter on the real network: a float32 program must reproduce PyTorch to 1e-5 cosine."""
     import coremltools as ct
 
-    from factory.build import load_backbone
     from factory.data import load_images, read_lfw_pairs, unique_pair_images
     from factory.deploy import Embedder
+    from factory.models import load_backbone
     from factory.recipe import load_recipe
 
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "mobilefacenet.yaml",

@@ -106,17 +106,17 @@ def test_recipe_without_local_data_falls_back_to_fetched_lfw(
     server.files.pop("pairs.txt")
     monkeypatch.setenv("FACTORY_LFW_MIRROR", server.url)
     with pytest.raises(FactoryError, match=r"no face data at .*no-such-faces[\s\S]*--data-root[\s\S]*data fetch lfw"):
-        load_recipe(recipe_file, fallback_to_lfw=True)
+        load_recipe(recipe_file, if_no_data=fetch.use_lfw_if_no_data)
     assert not (tmp_path / "cache" / "faces" / "lfw" / "train.txt").exists()
 
     files, photos, _ = lfw_mirror(server, faces_root, 3)
-    recipe = load_recipe(recipe_file, fallback_to_lfw=True)
+    recipe = load_recipe(recipe_file, if_no_data=fetch.use_lfw_if_no_data)
     assert Path(recipe.data.root) == tmp_path / "cache" / "faces"
     assert data_path(recipe, recipe.data.evaluation.pairs).read_text().split()[2] == photos[0].parent.name
     calibration = data_path(recipe, recipe.data.calibration.split).read_text()
     assert photos[1].parent.name not in calibration and photos[2].parent.name in calibration
     served = len(server.requests)
-    load_recipe(recipe_file, fallback_to_lfw=True)
+    load_recipe(recipe_file, if_no_data=fetch.use_lfw_if_no_data)
     assert len(server.requests) == served, "a complete fetched copy is reused, not fetched again"
     with pytest.raises(FactoryError, match="no-such-faces"):
         load_recipe(recipe_file)

@@ -146,7 +146,7 @@ def test_imported_model_states_its_source_and_keeps_the_sizes_its_weights_fix() 
 def test_imported_weights_are_described_by_their_source_files_in_the_model_card() -> None:
     from helpers import REPO
 
-    from factory.build import weights_provenance
+    from factory.models import weights_provenance
     from factory.recipe import load_recipe
     from factory.report import render_weights_lines
     from factory.teachers import mobileface

@@ -131,8 +131,7 @@ def test_alignment_on_raw_samples(faces_root: Path) -> None:
     """dlib's chip geometry as read here matches dlib's sampling; our crops give chips close to dlib's own."""
     import dlib
 
-    from factory.align.prepare import read_photo
-    from factory.detection import read_raw_samples
+    from factory.align.prepare import read_photo, read_raw_samples
     from factory.teachers.dlib_chip import CHIP_SIZE, dlib_alignments
     from factory.teachers.dlib_files import SHAPE_PREDICTOR_5, model_file
     from factory.teachers.dlib_resnet import chip_agreement, load

@@ -39,6 +39,26 @@ def read_photo(path: Path) -> np.ndarray:
         raise ValueError(f"unreadable image ({error})") from None
 
 
+def read_raw_samples(root: Path, landmarks_csv: Path) -> list[tuple[Path, np.ndarray, Path | None]]:
+    """The raw photos listed in `landmarks_csv` (paths relative to `root`): each with its reference landmarks
+    and the shared data's aligned crop of that face (None where the list names none)."""
+    if not landmarks_csv.is_file():
+        raise FactoryError(f"raw-photo list not found: {landmarks_csv}; it comes with the shared face data "
+                           "(../shared/data/faces/raw-samples/landmarks.csv)")
+    out = []
+    with landmarks_csv.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            path = root / row["raw_image"]
+            if not path.is_file():
+                raise FactoryError(f"{landmarks_csv} lists {row['raw_image']}, which is not under {root}")
+            aligned = root / row["aligned_reference"] if row.get("aligned_reference") else None
+            out.append((path, np.array(row["landmarks_xy_source_pixels"].split(), np.float32).reshape(5, 2),
+                        aligned if aligned is not None and aligned.is_file() else None))
+    if not out:
+        raise FactoryError(f"{landmarks_csv} lists no photos")
+    return out
+
+
 def choose_face(faces: list[Detection], shape: tuple[int, ...], select: str) -> Detection:
     """The largest face, or the one whose centre is nearest the image centre (LFW-style crops)."""
     if select == "central":

@@ -164,7 +164,7 @@ def summarise_fit(alignments: Sequence[PhotoAlignment], skipped: dict[str, list[
 
 def dlib_alignments(samples: Sequence[tuple[Path, np.ndarray, Path | None]],
                     shape_predictor: Path) -> tuple[list[PhotoAlignment], dict[str, list[str]]]:
-    """Both alignments of each raw photo (`factory.detection.read_raw_samples` rows), and the photos skipped.
+    """Both alignments of each raw photo (`factory.align.prepare.read_raw_samples` rows), and the photos skipped.
 
     dlib's frontal detector (one upsampling) finds the faces; the one whose box holds the centre of the
     reference landmarks is the photo's reference face. Photos without such a face are skipped, by name.
@@ -202,7 +202,7 @@ def dlib_alignments(samples: Sequence[tuple[Path, np.ndarray, Path | None]],
 def raw_sample_alignments(faces_root: Path,
                           limit: int | None = None) -> tuple[list[PhotoAlignment], dict[str, list[str]]]:
     """`dlib_alignments` of the raw photos of `faces_root/raw-samples/landmarks.csv` (the first `limit`)."""
-    from factory.detection import read_raw_samples
+    from factory.align.prepare import read_raw_samples
     from factory.teachers.dlib_files import SHAPE_PREDICTOR_5, model_file
 
     samples = read_raw_samples(faces_root, faces_root / "raw-samples" / "landmarks.csv")[:limit]

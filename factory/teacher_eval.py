@@ -9,7 +9,7 @@ from pathlib import Path
 from factory.evaluation import read_pair_set
 from factory.teachers.registry import Teacher, load_teacher
 
-SHARED_FACES = Path(__file__).resolve().parents[3] / "shared" / "data" / "faces"
+SHARED_FACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "faces"
 DEFAULT_PAIRS = SHARED_FACES / "lfw" / "pairs.txt"
 
 
