@@ -275,8 +275,8 @@ def _teacher_list(args: argparse.Namespace) -> int:
 def _teacher_eval(args: argparse.Namespace) -> int:
     import json
 
-    from factory.teachers import load_teacher
     from factory.teacher_eval import DEFAULT_PAIRS, evaluate_teacher
+    from factory.teachers import load_teacher
 
     pairs = Path(args.pairs) if args.pairs else DEFAULT_PAIRS
     result = evaluate_teacher(load_teacher(args.name, device=args.device), pairs,
@@ -293,9 +293,9 @@ def _teacher_eval(args: argparse.Namespace) -> int:
 def _teacher_fit_dlib_chip(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from factory.teacher_eval import SHARED_FACES
     from factory.teachers.dlib_chip import CROP_TO_CHIP, raw_sample_alignments, summarise_fit
     from factory.teachers.dlib_resnet import chip_agreement, load
-    from factory.teacher_eval import SHARED_FACES
 
     alignments, skipped = raw_sample_alignments(Path(args.data_root) if args.data_root else SHARED_FACES, args.limit)
     fit = summarise_fit(alignments, skipped)

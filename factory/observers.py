@@ -27,6 +27,14 @@ DESCRIPTIONS: dict[str, str] = {
     "mean_min_max": "activation ranges: mean over the calibration faces of each face's min and max",
 }
 
+DEFAULT = "default"
+
+
+def observer_names() -> list[str]:
+    """What `observer:` may name in a recipe: each target's own (`default`) or one of `DESCRIPTIONS`."""
+    return [DEFAULT, *DESCRIPTIONS]
+
+
 # Observer classes a quantiser uses for calibrated per-tensor activations (torch.ao's and torchao's share names).
 _REPLACEABLE = {"HistogramObserver", "MinMaxObserver", "MovingAverageMinMaxObserver"}
 
@@ -65,10 +73,10 @@ def use_activation_observer(prepared: fx.GraphModule, kind: str) -> int:
     Observers (or the observers inside fake-quantise modules) that several nodes share stay shared. Observers of
     weights (nodes reading a parameter) are left alone.
     """
-    if kind == "default":
+    if kind == DEFAULT:
         return 0
     if kind not in DESCRIPTIONS:
-        raise ValueError(f"unknown activation observer {kind!r}; use one of default, {', '.join(DESCRIPTIONS)}")
+        raise ValueError(f"unknown activation observer {kind!r}; use one of {', '.join(observer_names())}")
     replaced: dict[int, torch.nn.Module] = {}
     for node in prepared.graph.nodes:
         if node.op != "call_module" or not node.args or getattr(node.args[0], "op", None) == "get_attr":

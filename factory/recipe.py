@@ -13,30 +13,49 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
 from factory.errors import FactoryError
 
-Format = Literal["tflite", "executorch", "coreml"]
-Precision = Literal["fp32", "fp16", "w8", "int8"]
+
+@dataclass(frozen=True)
+class OneOf:
+    """Marks a string that must name an entry of a registry; the registry is asked when a recipe is checked,
+    so the names are stated once, by the code that implements them."""
+
+    names: Callable[[], list[str]]
+
+
+def _target_names() -> list[str]:
+    from factory.targets import target_names
+
+    return target_names()
+
+
+def _precision_names() -> list[str]:
+    from factory.targets import precision_names
+
+    return precision_names()
+
+
+def _observer_names() -> list[str]:
+    from factory.observers import observer_names
+
+    return observer_names()
+
+
+Format = Annotated[str, OneOf(_target_names)]
+Precision = Annotated[str, OneOf(_precision_names)]
 Loss = Literal["arcface", "softmax", "triplet"]
 Augmentation = Literal["basic", "strong"]
 TeacherOutputs = Literal["online", "cached"]
 # How int8 activation ranges are chosen from the calibration faces (factory/observers.py).
-ActivationObserver = Literal["default", "min_max", "mean_min_max"]
+ActivationObserver = Annotated[str, OneOf(_observer_names)]
 
 # int8 activation ranges from fewer real faces are unstable; recipes must opt in to go below this.
 MIN_CALIBRATION_FACES = 300
-
-# Which precisions each target can produce (the target modules register the same pairs).
-SUPPORTED_PRECISIONS: dict[str, tuple[str, ...]] = {
-    "tflite": ("fp32", "int8"),
-    "executorch": ("fp32", "int8"),
-    "coreml": ("fp16", "w8", "int8"),
-}
-
 
 class RecipeError(FactoryError):
     """A recipe with one or more problems; the message lists each with its YAML path."""
@@ -392,8 +411,16 @@ class Recipe:
         return data
 
 
+def _one_of(tp: Any) -> OneOf | None:
+    if get_origin(tp) is Annotated:
+        return next((m for m in tp.__metadata__ if isinstance(m, OneOf)), None)
+    return None
+
+
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
+    if (choice := _one_of(tp)) is not None:
+        return " | ".join(repr(name) for name in choice.names())
     if origin is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
     if origin in (typing.Union, types.UnionType):
@@ -414,6 +441,10 @@ def _convert(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             return None
         (inner,) = [a for a in options if a is not type(None)]
         return _convert(value, inner, where, problems)
+    if (choice := _one_of(tp)) is not None:
+        if value not in choice.names():
+            problems.append(f"{where}: {value!r} is not one of {_type_name(tp)}")
+        return value
     if origin is Literal:
         if value not in get_args(tp):
             problems.append(f"{where}: {value!r} is not one of {_type_name(tp)}")
@@ -445,7 +476,7 @@ def _build_dataclass(cls: type, value: Any, where: str, problems: list[str]) -> 
     if not isinstance(value, dict):
         problems.append(f"{where or 'recipe'}: expected a mapping with keys {_field_names(cls)}, got {value!r}")
         return None
-    hints = get_type_hints(cls)
+    hints = get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     kwargs = {}
     for key, item in value.items():
@@ -499,9 +530,13 @@ def _check_rules(recipe: Recipe, problems: list[str]) -> None:
         if target.format in seen:
             problems.append(f"targets[{index}].format: {target.format!r} is listed twice; merge the precisions")
         seen.add(target.format)
-        supported = SUPPORTED_PRECISIONS.get(target.format, ())
+        if target.format not in _target_names():
+            continue  # the schema check reported it
+        from factory.targets import get_target
+
+        supported = get_target(target.format).precisions
         for p_index, precision in enumerate(target.precisions):
-            if precision in SUPPORTED_PRECISIONS.get(target.format, ()) or target.format not in SUPPORTED_PRECISIONS:
+            if precision in supported or precision not in _precision_names():
                 continue
             problems.append(f"targets[{index}].precisions[{p_index}]: {target.format} cannot produce "
                             f"{precision!r}; supported: {', '.join(supported)}")
@@ -679,12 +714,52 @@ def parse_recipe(data: Any, path: Path) -> Recipe:
     return recipe
 
 
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise RecipeError(str(path), [f"not valid YAML: {error}"]) from None
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `override` on top: mappings merge key by key; any other value (a list, a scalar, null)
+    replaces the base's."""
+    merged = dict(base)
+    for key, value in override.items():
+        both_mappings = isinstance(merged.get(key), dict) and isinstance(value, dict)
+        merged[key] = deep_merge(merged[key], value) if both_mappings else value
+    return merged
+
+
+def _with_base(data: Any, path: Path, chain: tuple[Path, ...]) -> Any:
+    """The recipe mapping with its `base:` (a file relative to this one, itself possibly extending another)
+    merged under it. The merged mapping is one recipe: its relative paths are read from the loaded recipe's
+    folder, so a base should name no files (data.root, weights) of its own."""
+    if not isinstance(data, dict) or "base" not in data:
+        return data
+    data = dict(data)
+    reference = data.pop("base")
+    if not isinstance(reference, str) or not reference:
+        raise RecipeError(str(path), [f"base: expected the path of a base recipe (relative to {path.name}), "
+                                      f"got {reference!r}"])
+    base_path = (path.parent / reference).resolve()
+    if not base_path.is_file():
+        raise RecipeError(str(path), [f"base: file not found: {base_path}; fix the path (relative to {path.name})"])
+    if base_path in chain:
+        cycle = " -> ".join(p.name for p in (*chain, base_path))
+        raise RecipeError(str(path), [f"base: recipes extend each other in a cycle ({cycle}); remove one base"])
+    base = _with_base(_read_yaml(base_path), base_path, (*chain, base_path))
+    if not isinstance(base, dict):
+        raise RecipeError(str(path), [f"base: {base_path} is not a mapping of recipe keys"])
+    return deep_merge(base, data)
+
+
 def load_recipe(path: str | Path, data_root: str | None = None,
                 if_no_data: Callable[[dict[str, Any], Path], None] | None = None) -> Recipe:
     """Read, validate and resolve a recipe file.
 
     Args:
-        path: The YAML recipe.
+        path: The YAML recipe; a `base:` key names a recipe file it extends (deep merge, see `deep_merge`).
         data_root: Overrides `data.root` (e.g. a user's own face folder), before validation.
         if_no_data: Called with the parsed mapping and the recipe's path before validation; it may point a
             recipe whose data root is missing at other data (the CLI passes `factory.fetch.use_lfw_if_no_data`).
@@ -692,10 +767,7 @@ def load_recipe(path: str | Path, data_root: str | None = None,
     path = Path(path)
     if not path.is_file():
         raise FactoryError(f"recipe file not found: {path} — pass a recipes/*.yaml file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise RecipeError(str(path), [f"not valid YAML: {error}"]) from None
+    data = _with_base(_read_yaml(path), path, (path.resolve(),))
     if data_root is not None and isinstance(data, dict) and isinstance(data.get("data"), dict):
         data["data"]["root"] = str(Path(data_root).resolve())
     if if_no_data is not None:

@@ -148,7 +148,25 @@ def test_calibration_observer_defaults_and_is_checked(tmp_path: Path, data_root:
     assert load_recipe(write(tmp_path, data)).data.calibration.observer == "default"
     data["data"]["calibration"] = {"split": "splits/train.txt", "observer": "percentile"}
     joined = "\n".join(problems_of(write(tmp_path, data)))
-    assert "data.calibration.observer: 'percentile' is not one of" in joined
+    assert "data.calibration.observer: 'percentile' is not one of 'default' | 'min_max' | 'mean_min_max'" in joined
+
+
+def test_formats_precisions_and_observers_are_asked_of_their_registries(tmp_path: Path, data_root: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A target or observer registered in code is accepted by the validator with no edit to recipe.py."""
+    from factory import observers
+    from factory.targets import base, get_target
+
+    monkeypatch.setitem(base._TARGETS, "demo", type("Demo", (), {"format": "demo", "precisions": ("fp32", "int4")})())
+    monkeypatch.setitem(observers.DESCRIPTIONS, "percentile", "activation ranges: a percentile (test only)")
+    data = recipe_dict(data_root)
+    data["targets"] = [{"format": "demo", "precisions": ["int4"]}, {"format": "tflite", "precisions": ["int4"]}]
+    data["data"]["calibration"] = {"split": "splits/train.txt", "observer": "percentile"}
+    data["gates"] = {"int4": {"cosine_mean_min": 0.95}}
+    joined = "\n".join(problems_of(write(tmp_path, data)))
+    assert joined.startswith("targets[1].precisions[0]: tflite cannot produce 'int4'; supported: fp32, int8")
+    assert "\n" not in joined, "only the tflite row is wrong; demo, int4 and percentile come from the registries"
+    assert get_target("tflite").precisions == ("fp32", "int8")
 
 
 def test_pipeline_detector_settings_are_checked(tmp_path: Path, data_root: Path) -> None:
@@ -206,3 +224,49 @@ def test_training_a_pipeline_stage_needs_a_pipeline_recipe(tmp_path: Path, data_
     assert result.returncode != 0
     assert f"has no 'pipeline.{stage}' section" in result.stderr
     assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_a_recipe_extends_its_base_by_deep_merge(tmp_path: Path, data_root: Path) -> None:
+    full = recipe_dict(data_root)
+    (tmp_path / "bases").mkdir()
+    grand = {"latency": {"warmup": 3, "runs": 60}, "gates": {"int8": {"cosine_mean_min": 0.98}}}
+    base = {k: v for k, v in full.items() if k not in ("name", "weights")}
+    base["base"] = "grand.yaml"
+    base["gates"] = {"int8": {"lfw_accuracy_drop_max": 0.02}, "fp32": {"cosine_mean_min": 0.99999}}
+    (tmp_path / "bases" / "grand.yaml").write_text(yaml.safe_dump(grand))
+    (tmp_path / "bases" / "base.yaml").write_text(yaml.safe_dump(base))
+    child = {"base": "bases/base.yaml", "name": "child", "weights": full["weights"],
+             "latency": {"warmup": 5}, "targets": [{"format": "executorch", "precisions": ["int8"]}]}
+    recipe = load_recipe(write(tmp_path, child))
+    assert recipe.name == "child"
+    assert (recipe.latency.warmup, recipe.latency.runs) == (5, 60), "a mapping merges key by key, through two bases"
+    assert [(t.format, t.precisions) for t in recipe.targets] == [("executorch", ["int8"])], "a list replaces"
+    assert (recipe.gates["int8"].cosine_mean_min, recipe.gates["int8"].lfw_accuracy_drop_max) == (0.98, 0.02)
+    assert recipe.gates["fp32"].cosine_mean_min == 0.99999
+    assert recipe.resolve(recipe.weights.path) == tmp_path / "w.safetensors", "paths read from the loaded recipe"
+
+
+def test_a_missing_or_circular_base_is_one_clear_error(tmp_path: Path, data_root: Path) -> None:
+    data = recipe_dict(data_root)
+    data["base"] = "nowhere.yaml"
+    assert problems_of(write(tmp_path, data)) == [
+        f"base: file not found: {tmp_path / 'nowhere.yaml'}; fix the path (relative to recipe.yaml)"]
+    (tmp_path / "a.yaml").write_text("base: recipe.yaml\n")
+    data["base"] = "a.yaml"
+    (problem,) = problems_of(write(tmp_path, data))
+    assert problem == ("base: recipes extend each other in a cycle (recipe.yaml -> a.yaml -> recipe.yaml); "
+                       "remove one base")
+
+
+def test_the_fast_facenet_sweep_shares_one_base() -> None:
+    sweep = sorted((REPO / "recipes").glob("fastfacenet_*.yaml"))
+    assert [p.stem for p in sweep] == ["fastfacenet_0_25", "fastfacenet_0_5", "fastfacenet_0_75", "fastfacenet_1_0"]
+    for path in sweep:
+        assert yaml.safe_load(path.read_text())["base"] == "base/fastfacenet.yaml"
+        recipe = load_recipe(path)
+        assert recipe.model.architecture == path.stem and recipe.data.calibration.count == 500
+        assert recipe.gates["int8"].cosine_mean_min == 0.99
+    labels_only = load_recipe(REPO / "recipes" / "fastfacenet_0_5.yaml")
+    assert (labels_only.train.loss, labels_only.train.distill, labels_only.gates["w8"].lfw_accuracy_drop_max,
+            labels_only.gates["w8"].cosine_mean_min) == ("triplet", None, 0.01, 0.999)
+    assert load_recipe(REPO / "recipes" / "fastfacenet_0_25.yaml").targets[2].w8_keep_float16_up_to == 4096

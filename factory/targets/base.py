@@ -176,6 +176,11 @@ def target_names() -> list[str]:
     return sorted(_TARGETS)
 
 
+def precision_names() -> list[str]:
+    """Every precision some registered target produces, sorted."""
+    return sorted({precision for target in _TARGETS.values() for precision in target.precisions})
+
+
 def get_target(name: str) -> Target:
     """The target for `name`; the error lists what is registered."""
     try:
