@@ -27,7 +27,7 @@ from factory.errors import FactoryError
 from factory.evaluation import EvaluationSet, load_evaluation_set, load_pair_set, torch_embeddings
 from factory.golden import write_golden
 from factory.io import artifact_bytes, display_path, write_text_atomic
-from factory.latency import all_threads, time_calls
+from factory.latency import all_threads, latency_rows
 from factory.metrics import cosine_rows, cosine_summary, flip_rate
 from factory.models import load_backbone, model_entry, weights_provenance
 from factory.peers import onnx_runtime_call, onnx_workdir, torch_eager_call
@@ -116,13 +116,6 @@ def _benchmark_parity(
     rate, flips = flip_rate(reference["similarities"], verification["similarities"], reference["threshold"])
     return {"accuracy": verification["accuracy"], "accuracy_drop": reference["accuracy"] - verification["accuracy"],
             "flip_rate": rate, "flips": flips}
-
-
-def _latency_rows(make_call: Any, warmup: int, runs: int) -> dict[str, dict[str, float]]:
-    rows = {}
-    for threads in sorted({1, all_threads()}):
-        rows[f"{threads}_thread" + ("s" if threads > 1 else "")] = time_calls(make_call(threads), warmup, runs)
-    return rows
 
 
 def build(recipe: Recipe, out_dir: Path | None = None, printer: Callable[[str], None] | None = None) -> BuildResult:
@@ -235,7 +228,7 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
         example = example_nchw.transpose(0, 2, 3, 1).copy() if artifact.input_layout == "NHWC" else example_nchw
         if target.host_latency:
             with log.stage(Stage.VERIFY, f"{artifact.path.name} latency"):
-                entry["latency_ms"] = _latency_rows(
+                entry["latency_ms"] = latency_rows(
                     _artifact_call(target, artifact.path, example), recipe.latency.warmup, recipe.latency.runs
                 )
         for gate_result in entry["gates"]:
@@ -246,10 +239,10 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
 
     with log.stage(Stage.VERIFY, "peer runtimes latency (PyTorch eager, ONNX Runtime)"), onnx_workdir() as tmp:
         peers = {
-            "pytorch_eager_fp32": _latency_rows(
+            "pytorch_eager_fp32": latency_rows(
                 lambda threads: torch_eager_call(reference_model, example_nchw, threads),
                 recipe.latency.warmup, recipe.latency.runs),
-            "onnxruntime_fp32": _latency_rows(
+            "onnxruntime_fp32": latency_rows(
                 lambda threads: onnx_runtime_call(reference_model, example_nchw, threads, Path(tmp)),
                 recipe.latency.warmup, recipe.latency.runs),
         }

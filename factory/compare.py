@@ -18,7 +18,7 @@ from typing import Any
 
 from factory.errors import FactoryError
 from factory.io import atomic_path, write_text_atomic
-from factory.report import _pct
+from factory.report import percent
 
 # Host latency is compared at one thread: the phone runners' default and the least noisy setting here.
 LATENCY_KEY = "1_thread"
@@ -119,7 +119,7 @@ def render_markdown(title: str, summary: dict[str, Any], figure: str | None, sou
         lines.append(
             f"| {r['recipe']} | `{r['architecture']}` ({r['paper']}) | {r['params'] / 1e6:.2f} M "
             f"| {r['macs'] / 1e6:.1f} M | {paper.get('params_m', '—')} M / {paper.get('macs_m', '—')} M{at} "
-            f"| **{_pct(r['lfw_accuracy'])}** ± {_pct(r['lfw_accuracy_std'])} | {_pct(r['tar_at_far_1e-03'])} "
+            f"| **{percent(r['lfw_accuracy'])}** ± {percent(r['lfw_accuracy_std'])} | {percent(r['tar_at_far_1e-03'])} "
             f"| {r['verdict']} |"
         )
     header = "| recipe | " + " | ".join(kinds) + " |"
@@ -136,7 +136,8 @@ def render_markdown(title: str, summary: dict[str, Any], figure: str | None, sou
         if a["lfw_accuracy"] is None:
             return a["status"]
         scope = "" if a["pairs"] is None or a["pairs"] >= rows[0]["pairs"] else f" ({a['pairs']} pairs)"
-        return f"{_pct(a['lfw_accuracy'])} ({100 * a['lfw_accuracy_drop']:+.2f} pt, cos {a['cosine_mean']:.4f}){scope}"
+        drop = f"{100 * a['lfw_accuracy_drop']:+.2f} pt"
+        return f"{percent(a['lfw_accuracy'])} ({drop}, cos {a['cosine_mean']:.4f}){scope}"
 
     def latency(a: dict[str, Any]) -> str:
         if a["latency_median_ms"] is None:

@@ -31,3 +31,10 @@ def time_calls(run: Callable[[], object], warmup: int, runs: int) -> dict[str, f
         "min_ms": round(float(values.min()), 3),
         "runs": runs,
     }
+
+
+def latency_rows(make_call: Callable[[int], Callable[[], object]], warmup: int,
+                 runs: int) -> dict[str, dict[str, float]]:
+    """`time_calls` at 1 thread and at all threads: `make_call(threads)` returns the call to time."""
+    return {f"{threads}_thread" + ("s" if threads > 1 else ""): time_calls(make_call(threads), warmup, runs)
+            for threads in sorted({1, all_threads()})}

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from factory.deploy import Embedder
 
 
-def torch_eager_call(model: Embedder, example: np.ndarray, threads: int) -> Callable[[], object]:
+def torch_eager_call(model: nn.Module, example: np.ndarray, threads: int) -> Callable[[], object]:
     """A zero-argument call running the eager model once at `threads` intra-op threads."""
-    tensor = torch.from_numpy(example)
+    tensor = torch.from_numpy(np.ascontiguousarray(example))
 
     def run() -> object:
         previous = torch.get_num_threads()

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from factory import gates
@@ -43,11 +42,12 @@ from factory.detection import (
 )
 from factory.evaluation import EvaluationSet, torch_embeddings
 from factory.io import artifact_bytes
-from factory.latency import all_threads, time_calls
+from factory.latency import all_threads, latency_rows
 from factory.models.lefv_detector import OUTPUT_CHANNELS, STRIDE, LEFVDetector
 from factory.models.lefv_normaliser import Normaliser
 from factory.models.mobilefacenet import MobileFaceNet
 from factory.normalisation import PIXEL_MEAN, PIXEL_SCALE, DeployedNormaliser, identity_report, normalise_pixels
+from factory.peers import torch_eager_call
 from factory.profile import count_macs, count_parameters
 from factory.recipe import Recipe
 from factory.stages import Stage, StageLog
@@ -293,11 +293,8 @@ def compile_stage(recipe: Recipe, log: StageLog, printer: Callable[[str], None],
                     _single(target.load_runner(path, all_threads()), layout))
             if target.host_latency:
                 with log.stage(Stage.VERIFY, f"{artifact.path.name} latency"):
-                    entry["latency_ms"] = {
-                        f"{threads}_thread" + ("s" if threads > 1 else ""): time_calls(
-                            latency_call(target, artifact.path, layout_inputs[:1])(threads),
-                            recipe.latency.warmup, recipe.latency.runs)
-                        for threads in sorted({1, all_threads()})}
+                    entry["latency_ms"] = latency_rows(latency_call(target, artifact.path, layout_inputs[:1]),
+                                                       recipe.latency.warmup, recipe.latency.runs)
             for gate in entry["gates"]:
                 if not gate["passed"]:
                     printer(f"  GATE FAILED {artifact.path.name}: {gate['metric']} = {gate['value']:.6f}, "
@@ -308,16 +305,8 @@ def compile_stage(recipe: Recipe, log: StageLog, printer: Callable[[str], None],
 
 def pytorch_latency(deployed: nn.Module, example: np.ndarray, recipe: Recipe) -> dict[str, dict[str, float]]:
     """Host latency of a stage's PyTorch eager graph on one input, at 1 and all threads."""
-    rows = {}
-    for threads in sorted({1, all_threads()}):
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        tensor = torch.from_numpy(np.ascontiguousarray(example))
-        with torch.inference_mode():
-            rows[f"{threads}_thread" + ("s" if threads > 1 else "")] = time_calls(
-                lambda tensor=tensor: deployed(tensor), recipe.latency.warmup, recipe.latency.runs)
-        torch.set_num_threads(previous)
-    return rows
+    return latency_rows(lambda threads: torch_eager_call(deployed, example, threads), recipe.latency.warmup,
+                        recipe.latency.runs)
 
 
 def _single(runner: Callable[[np.ndarray], np.ndarray], layout: str) -> Callable[[np.ndarray], np.ndarray]:

@@ -57,6 +57,7 @@ ActivationObserver = Annotated[str, OneOf(_observer_names)]
 # int8 activation ranges from fewer real faces are unstable; recipes must opt in to go below this.
 MIN_CALIBRATION_FACES = 300
 
+
 class RecipeError(FactoryError):
     """A recipe with one or more problems; the message lists each with its YAML path."""
 
@@ -69,13 +70,15 @@ class RecipeError(FactoryError):
 
 @dataclass
 class InputSpec:
-    """What the model expects: a square RGB/BGR image, normalised as (pixel - mean) / std."""
+    """What the model expects: a square RGB/BGR image, normalised as (pixel - mean) / std.
+
+    The tensor layout is not a recipe setting: each target chooses its artifact's (TFLite NHWC, the others
+    NCHW) and records it in the report and the manifest."""
 
     size: int = 112
     color_order: Literal["RGB", "BGR"] = "RGB"
     mean: list[float] = field(default_factory=lambda: [127.5, 127.5, 127.5])
     std: list[float] = field(default_factory=lambda: [128.0, 128.0, 128.0])
-    layout: Literal["NCHW", "NHWC"] = "NCHW"
 
 
 @dataclass

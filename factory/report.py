@@ -14,7 +14,7 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def _pct(value: float | None) -> str:
+def percent(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.2f}%"
 
 
@@ -76,8 +76,8 @@ def render_markdown(report: dict[str, Any], figures: dict[str, str] | None = Non
         f"({_held_out_note(model)}); calibration used {ev['calibration_faces']} other "
         f"faces{_observer_note(ev)}. Verification protocol: {ev['protocol']}.",
         "",
-        f"Reference ({ref['framework']}): LFW accuracy **{_pct(ref['lfw_accuracy'])}** ± "
-        f"{_pct(ref['lfw_accuracy_std'])}; TAR@FAR=1e-3 {_pct(ref['tar_at_far_1e-03'])} "
+        f"Reference ({ref['framework']}): LFW accuracy **{percent(ref['lfw_accuracy'])}** ± "
+        f"{percent(ref['lfw_accuracy_std'])}; TAR@FAR=1e-3 {percent(ref['tar_at_far_1e-03'])} "
         "(FAR 1e-4 needs at least 10,000 impostor pairs and is shown only where measurable).",
         "",
         "| artifact | size | verified by | cosine mean / min / p1 | LFW acc. | drop | TAR@FAR=1e-3 | flips "
@@ -93,15 +93,15 @@ def render_markdown(report: dict[str, Any], figures: dict[str, str] | None = Non
         subset = a.get("parity_set") or {}
         scope = ("" if subset.get("pairs", ev["pairs"]) >= ev["pairs"] else
                  f" — on {subset['pairs']} of the pairs ({subset['images']} faces; reference there "
-                 f"{_pct(subset['reference_accuracy'])})")
+                 f"{percent(subset['reference_accuracy'])})")
         for row in (a, *a["other_runtimes"]):  # other runtimes: e.g. Core ML's GPU and Neural Engine on macOS
             p = row["parity"]
             gates = _gates_cell(row["gates"])
             lines.append(
                 f"| `{a['file']}` | {size} | {row['verified_by']}{scope} | {_fmt(p['cosine_mean'], 5)} / "
-                f"{_fmt(p['cosine_min'], 5)} / {_fmt(p['cosine_p1'], 5)} | {_pct(p['lfw_accuracy'])} | "
-                f"{100 * p['lfw_accuracy_drop']:+.2f} pt | {_pct(p['tar_at_far_1e-03'])} | {p['flips']} "
-                f"({_pct(p['flip_rate'])}) | {_fmt(p['threshold'])} | {gates} |"
+                f"{_fmt(p['cosine_min'], 5)} / {_fmt(p['cosine_p1'], 5)} | {percent(p['lfw_accuracy'])} | "
+                f"{100 * p['lfw_accuracy_drop']:+.2f} pt | {percent(p['tar_at_far_1e-03'])} | {p['flips']} "
+                f"({percent(p['flip_rate'])}) | {_fmt(p['threshold'])} | {gates} |"
             )
     for caption, file in (figures or {}).items():
         lines += ["", f"![{caption}]({file})"]
@@ -221,8 +221,8 @@ def _detector_lines(detector: dict[str, Any] | None) -> list[str]:
                      "agreement with MTCNN, not accuracy against human annotation.")
     lines += [
         f"- Against MTCNN on {detector['held_out_photos']} held-out photos (PyTorch fp32): recall "
-        f"**{_pct(ref['recall'])}** of {ref['teacher_faces']} faces at IoU >= 0.5 (the shared data's reference "
-        f"face of each photo: {_pct(ref['reference_recall'])}), mean IoU {_fmt(ref['iou_mean'], 3)}, landmark "
+        f"**{percent(ref['recall'])}** of {ref['teacher_faces']} faces at IoU >= 0.5 (the shared data's reference "
+        f"face of each photo: {percent(ref['reference_recall'])}), mean IoU {_fmt(ref['iou_mean'], 3)}, landmark "
         f"error {_fmt(ref['landmark_nme_mean'], 3)} of the inter-ocular distance, "
         f"{ref['unconfirmed_detections']} detections MTCNN did not make.",
         "",
@@ -234,12 +234,12 @@ def _detector_lines(detector: dict[str, Any] | None) -> list[str]:
         p, t = a["parity"], a["teacher"]
         gates, latency = _gates_cell(a["gates"]), _stage_latency_cell(a)
         lines.append(
-            f"| `{a['file']}` | {a['bytes'] / 1e6:.2f} MB | {a['verified_by']} | {_pct(t['recall'])} | "
-            f"{_pct(p['agreement'])} of {p['reference_detections']} (+{p['extra_detections']}) | "
+            f"| `{a['file']}` | {a['bytes'] / 1e6:.2f} MB | {a['verified_by']} | {percent(t['recall'])} | "
+            f"{percent(p['agreement'])} of {p['reference_detections']} (+{p['extra_detections']}) | "
             f"{_fmt(p['box_iou_mean'], 4)} / {_fmt(p['box_iou_min'], 4)} | {_fmt(p['landmark_error_mean'], 4)} / "
             f"{_fmt(p['landmark_error_max'], 4)} | {_fmt(p['map_cosine_mean'], 5)} | {latency} | {gates} |"
         )
-    lines.append(f"| PyTorch eager fp32 | — | — | {_pct(ref['recall'])} | — | — | — | — | "
+    lines.append(f"| PyTorch eager fp32 | — | — | {percent(ref['recall'])} | — | — | — | — | "
                  f"{_latency_cell(detector['pytorch_latency_ms'], '1_thread')} | — |")
     return lines
 
@@ -270,8 +270,8 @@ def _normaliser_lines(normaliser: dict[str, Any] | None) -> list[str]:
         f"- On the {ident['faces']} held-out evaluation faces, scored by this recipe's recogniser (PyTorch; the "
         f"identity loss used MobileFaceNet): embedding cosine between each face and its normalised version mean "
         f"**{_fmt(ident['identity_cosine_mean'], 4)}** (median {_fmt(ident['identity_cosine_median'], 4)}, p10 "
-        f"{_fmt(ident['identity_cosine_p10'], 4)}); LFW accuracy **{_pct(ident['accuracy_with'])}** with both faces "
-        f"of each pair normalised, {_pct(ident['accuracy_without'])} without; mirror asymmetry "
+        f"{_fmt(ident['identity_cosine_p10'], 4)}); LFW accuracy **{percent(ident['accuracy_with'])}** with both faces "
+        f"of each pair normalised, {percent(ident['accuracy_without'])} without; mirror asymmetry "
         f"{_fmt(ident['symmetry_error_before'], 1)} -> {_fmt(ident['symmetry_error_after'], 1)} grey levels.",
         "",
         f"Parity on {normaliser['parity_faces']} held-out faces: each artifact's output against PyTorch's.",
@@ -312,9 +312,9 @@ def _end_to_end_lines(section: dict[str, Any] | None) -> list[str]:
     for row in section["rows"]:
         ms = f"{row['host_ms_per_photo_median']:.1f}" if row["host_ms_per_photo_median"] is not None else "—"
         lines.append(f"| {row['runtime']} | {'yes' if row.get('normalised') else '—'} | {row['photos']} "
-                     f"({row['photos_set']}) | {_pct(row['found_rate'])} | "
+                     f"({row['photos_set']}) | {percent(row['found_rate'])} | "
                      f"{_fmt(row['cosine_mean'], 4)} / {_fmt(row['cosine_median'], 4)} / {_fmt(row['cosine_p10'], 4)} "
-                     f"| {_pct(row['same_person_rate'])} | {ms} |")
+                     f"| {percent(row['same_person_rate'])} | {ms} |")
     return lines
 
 
@@ -414,8 +414,8 @@ def _ablation_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"| {row['label']} | `{Path(row['weights']).name}` ({row['sha256'][:12]}…) | {teachers} | "
                      f"{row['teacher_outputs'] or '—'} | {row['augmentation']} | "
                      f"{start} | {row['epochs'] or '—'} | {time} | "
-                     f"{_pct(row['lfw_accuracy'])} ± {_pct(row['lfw_accuracy_std'])} | "
-                     f"{_pct(row['tar_at_far_1e-03'])} | {'yes' if row['lfw_identity_free'] else 'no'} |")
+                     f"{percent(row['lfw_accuracy'])} ± {percent(row['lfw_accuracy_std'])} | "
+                     f"{percent(row['tar_at_far_1e-03'])} | {'yes' if row['lfw_identity_free'] else 'no'} |")
     return lines
 
 
@@ -441,8 +441,8 @@ def _benchmark_lines(report: dict[str, Any]) -> list[str]:
         cells = []
         for a in verified:
             b = a["benchmarks"][bench["name"]]
-            cells.append(f"{_pct(b['accuracy'])} ({100 * b['accuracy_drop']:+.2f} pt, {b['flips']} flips)")
-        lines.append(f"| {bench['name']} | {_pct(ref['accuracy'])} ± {_pct(ref['accuracy_std'])} | "
+            cells.append(f"{percent(b['accuracy'])} ({100 * b['accuracy_drop']:+.2f} pt, {b['flips']} flips)")
+        lines.append(f"| {bench['name']} | {percent(ref['accuracy'])} ± {percent(ref['accuracy_std'])} | "
                      + " | ".join(cells) + " |")
     return lines
 

@@ -21,7 +21,8 @@ from factory.errors import FactoryError
 
 
 class Stage(enum.Enum):
-    """Build stages, in pipeline order."""
+    """Labels of a build's timed log lines. Not an order: every artifact is exported, quantised, lowered and
+    serialised in turn, and verification steps come between."""
 
     LOAD = "load"
     EXPORT = "torch.export"

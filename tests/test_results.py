@@ -37,3 +37,22 @@ def test_results_rows_name_teachers_and_lfw_exposure(tmp_path: Path) -> None:
     assert row["Core ML int8"] == "97.00% (1,200 pairs; reference 97.33%)"
     assert row["teachers"] == "dlib_resnet_v1" and row["LFW-identity-free"] == "yes"
     assert row["int8 .pte"] == "—" and row["paper LFW"] == "99.55%"
+
+
+def test_every_committed_model_card_is_what_the_renderer_makes_of_its_report_json() -> None:
+    """report.md is rendered from report.json; a change to the renderer that alters a committed card shows here
+    (commit the regenerated cards deliberately, or fix the renderer)."""
+    import json
+
+    from factory.report import render_markdown
+
+    reports = Path(__file__).resolve().parents[1] / "reports"
+    checked = []
+    for folder in sorted(p for p in reports.iterdir() if (p / "report.json").is_file()):
+        report = json.loads((folder / "report.json").read_text())
+        if "model" not in report:  # a comparison across builds, rendered by factory compare
+            continue
+        figures = {"ROC curves": "roc.png", "Cosine histograms": "cosine_histogram.png"}
+        assert render_markdown(report, figures) == (folder / "report.md").read_text(), folder.name
+        checked.append(folder.name)
+    assert {"mobilefacenet", "lefv", "fastfacenet_1_0"} <= set(checked)
