@@ -19,14 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from factory import gates
 from factory.ablation import ablation_rows
+from factory.artifacts import Check, StageSpec, compile_and_verify
 from factory.data import load_images, read_split, sample_paths
 from factory.deploy import Embedder
 from factory.errors import FactoryError
 from factory.evaluation import EvaluationSet, load_evaluation_set, load_pair_set, torch_embeddings
 from factory.golden import write_golden
-from factory.io import artifact_bytes, display_path, write_text_atomic
+from factory.io import display_path, write_text_atomic
 from factory.latency import all_threads, latency_rows
 from factory.metrics import cosine_rows, cosine_summary, flip_rate
 from factory.models import load_backbone, model_entry, weights_provenance
@@ -36,8 +36,7 @@ from factory.profile import count_macs, count_parameters
 from factory.recipe import MIN_CALIBRATION_FACES, Recipe, data_path
 from factory.report import write_reports
 from factory.stages import Stage, StageLog, console_printer, output_to
-from factory.targets import CompiledArtifact, CompileRequest, Target, get_target
-from factory.weights import sha256_of
+from factory.targets import CompiledArtifact, Runner, Target
 
 TOOL_PACKAGES = ("torch", "executorch", "litert-torch", "ai-edge-litert", "coremltools", "onnxruntime", "numpy")
 
@@ -164,78 +163,55 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
         for row in ablation:
             printer(f"  ablation {row['label']}: LFW accuracy {row['lfw_accuracy']:.4f}")
 
-    compiled: list[CompiledArtifact] = []
-    for target_cfg in recipe.targets:
-        target = get_target(target_cfg.format)
-        for precision in target_cfg.precisions:
-            request = CompileRequest(
-                backbone=backbone, mean=spec.mean, std=spec.std, embedding_size=recipe.model.embedding_size,
-                precision=precision, calibration=calibration,
-                output=out / f"{recipe.name}_{precision}{target.suffix}", stages=log,
-                observer=recipe.data.calibration.observer,
-                w8_keep_float16_up_to=target_cfg.w8_keep_float16_up_to,
-            )
-            artifact = target.compile(request)
-            artifact.quantization = request.describe_quantization(artifact.quantization)
-            compiled.append(artifact)
-
-    artifacts = []
     curves = {"PyTorch fp32 reference": (ref_verification["similarities"], evaluation.same)}
     cosines: dict[str, np.ndarray] = {}
-    example_nchw = evaluation.pixels("NCHW")[:1]
-    for artifact in compiled:
-        target = get_target(artifact.format)
-        entry: dict[str, Any] = {
-            "file": artifact.path.name, "format": artifact.format, "precision": artifact.precision,
-            "bytes": artifact_bytes(artifact.path), "sha256": sha256_of(artifact.path),
-            "quantization": artifact.quantization, "runtime": target.runtime_name,
-            "io": _io(artifact), "details": artifact.details,
-            "verified_by": None, "status": None, "parity": None, "gates": [], "latency_ms": None,
-            "other_runtimes": [], "benchmarks": {},
-        }
-        pairs_set, pairs_reference, pairs_verification = evaluation, reference, ref_verification
-        limit = recipe.data.evaluation.emulated_max_pairs
-        if not target.host_latency and limit is not None and limit < len(evaluation.pairs):
-            pairs_set, images = evaluation.subset(limit)
-            pairs_reference = reference[images]
-            pairs_verification = pairs_set.verification(pairs_reference)
-        entry["parity_set"] = {"pairs": len(pairs_set.pairs), "images": len(pairs_set.paths),
-                               "reference_accuracy": pairs_verification["accuracy"]}
-        with log.stage(Stage.VERIFY, f"{artifact.path.name} on {len(pairs_set.paths)} faces"):
-            runner = target.load_runner(artifact.path, all_threads())
-            embeddings = runner(pairs_set.pixels(artifact.input_layout))
-            parity, similarities = _parity(embeddings, pairs_reference, pairs_set, pairs_verification)
-            curves[artifact.path.name] = (similarities, pairs_set.same)
-            cosines[artifact.path.name] = cosine_rows(embeddings, pairs_reference)
-            gate = recipe.gates.get(artifact.precision)
-            entry.update(verified_by=target.runtime_name, status="verified", parity=parity,
-                         gates=gates.evaluate(gate, parity))
-            for runtime, other_runner in target.extra_runners(artifact.path).items():
-                other, _ = _parity(other_runner(pairs_set.pixels(artifact.input_layout)), pairs_reference,
-                                   pairs_set, pairs_verification)
-                entry["other_runtimes"].append({"verified_by": runtime, "parity": other,
-                                                "gates": gates.evaluate(gate, other)})
+    parity_sets: dict[bool, tuple[EvaluationSet, np.ndarray, dict[str, Any]]] = {}
+
+    def parity_pairs(target: Target) -> tuple[EvaluationSet, np.ndarray, dict[str, Any]]:
+        """The pairs an artifact is verified on: all of them, or (emulated runtimes) the recipe's subset."""
+        emulated = not target.host_latency
+        if emulated not in parity_sets:
+            limit = recipe.data.evaluation.emulated_max_pairs
+            if emulated and limit is not None and limit < len(evaluation.pairs):
+                subset, images = evaluation.subset(limit)
+                parity_sets[emulated] = (subset, reference[images], subset.verification(reference[images]))
+            else:
+                parity_sets[emulated] = (evaluation, reference, ref_verification)
+        return parity_sets[emulated]
+
+    def check(runner: Runner, artifact: CompiledArtifact, target: Target) -> Check:
+        pairs_set, pairs_reference, pairs_verification = parity_pairs(target)
+        embeddings = runner(pairs_set.pixels(artifact.input_layout))
+        parity, similarities = _parity(embeddings, pairs_reference, pairs_set, pairs_verification)
+        curves.setdefault(artifact.path.name, (similarities, pairs_set.same))
+        cosines.setdefault(artifact.path.name, cosine_rows(embeddings, pairs_reference))
+        return Check(parity, {"parity_set": {"pairs": len(pairs_set.pairs), "images": len(pairs_set.paths),
+                                             "reference_accuracy": pairs_verification["accuracy"]}})
+
+    def benchmark_parity(runner: Runner, artifact: CompiledArtifact, target: Target) -> dict[str, Any]:
+        pairs_set = parity_pairs(target)[0]
         if pairs_set is not evaluation:
             printer(f"  {artifact.path.name}: emulated, so verified on {len(pairs_set.pairs)} of "
                     f"{len(evaluation.pairs)} pairs (data.evaluation.emulated_max_pairs); further benchmarks skipped")
-            benchmarks_for_artifact = {}
-        else:
-            benchmarks_for_artifact = benchmarks
-        for name, pair_set in benchmarks_for_artifact.items():
+            return {"benchmarks": {}}
+        scores = {}
+        for name, pair_set in benchmarks.items():
             with log.stage(Stage.VERIFY, f"{artifact.path.name} on benchmark {name}"):
-                entry["benchmarks"][name] = _benchmark_parity(
-                    runner(pair_set.pixels(artifact.input_layout)), pair_set, benchmark_reference[name])
-        example = example_nchw.transpose(0, 2, 3, 1).copy() if artifact.input_layout == "NHWC" else example_nchw
-        if target.host_latency:
-            with log.stage(Stage.VERIFY, f"{artifact.path.name} latency"):
-                entry["latency_ms"] = latency_rows(
-                    _artifact_call(target, artifact.path, example), recipe.latency.warmup, recipe.latency.runs
-                )
-        for gate_result in entry["gates"]:
-            if not gate_result["passed"]:
-                printer(f"  GATE FAILED {artifact.path.name}: {gate_result['metric']} = {gate_result['value']:.6f}, "
-                        f"needs {gate_result['op']} {gate_result['threshold']} (off by {-gate_result['margin']:.6f})")
-        artifacts.append(entry)
+                scores[name] = _benchmark_parity(runner(pair_set.pixels(artifact.input_layout)), pair_set,
+                                                 benchmark_reference[name])
+        return {"benchmarks": scores}
+
+    example_nchw = evaluation.pixels("NCHW")[:1]
+    recogniser = StageSpec(
+        stem=recipe.name, network=backbone, mean=spec.mean, std=spec.std, calibration=calibration,
+        latency_input=example_nchw, check=check, follow_up=benchmark_parity, gates=recipe.gates,
+        what=lambda target: f"{len(parity_pairs(target)[0].paths)} faces",
+        embedding_size=recipe.model.embedding_size, observer=recipe.data.calibration.observer,
+        w8_keep_float16_up_to={t.format: t.w8_keep_float16_up_to for t in recipe.targets},
+    )
+    results = compile_and_verify(recogniser, [(t.format, t.precisions) for t in recipe.targets], out, log, printer,
+                                 (recipe.latency.warmup, recipe.latency.runs))
+    artifacts = [result.to_dict() for result in results]
 
     with log.stage(Stage.VERIFY, "peer runtimes latency (PyTorch eager, ONNX Runtime)"), onnx_workdir() as tmp:
         peers = {
@@ -254,17 +230,13 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
 
         with log.stage(Stage.LOAD, "raw photos and their MTCNN (teacher) faces"):
             photos = load_photos(recipe, log=lambda _line: None)
-        pipeline["detector"], detectors = build_detector(recipe, out, log, printer, _artifact_call, photos)
-        recognisers = {
-            f"{a['format']} {a['precision']}": (
-                lambda a=a: get_target(a["format"]).load_runner(out / a["file"], all_threads()),
-                a["io"]["input"]["layout"])
-            for a in artifacts if a["status"] == "verified"
-        }
+        pipeline["detector"], detectors = build_detector(recipe, out, log, printer, photos)
+        recognisers = {f"{r.format} {r.precision}": (lambda r=r: r.target.load_runner(r.path, all_threads()),
+                                                     r.input_layout) for r in results}
         normalisers, normalised_threshold = None, None
         if recipe.pipeline.normaliser is not None:
-            pipeline["normaliser"], normalisers = build_normaliser(recipe, out, log, printer, _artifact_call,
-                                                                   evaluation, calibration, reference_model)
+            pipeline["normaliser"], normalisers = build_normaliser(recipe, out, log, printer, evaluation,
+                                                                   calibration, reference_model)
             normalised_threshold = pipeline["normaliser"]["identity"]["threshold_with"]
         pipeline["end_to_end"] = end_to_end_rows(recipe, log, photos, detectors, recognisers, reference_model,
                                                  ref_verification["threshold"], normalisers, normalised_threshold)
@@ -273,11 +245,9 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
             printer(f"  end to end, {label} on {row['photos_set']} photos: found {row['found_rate']:.3f}, "
                     f"cosine to the reference crop {row['cosine_mean']:.4f}, same person {row['same_person_rate']:.3f}")
 
-    verified = [a for a in artifacts if a["status"] == "verified"]
-    all_gates = [g for a in verified for row in (a, *a["other_runtimes"]) for g in row["gates"]]
-    all_gates += [g for stage in ("detector", "normaliser") for a in pipeline.get(stage, {}).get("artifacts", [])
-                  for g in a["gates"]]
-    verdict = "pass" if verified and all(g["passed"] for g in all_gates) else "fail"
+    stage_artifacts = [a for stage in ("detector", "normaliser") for a in pipeline.get(stage, {}).get("artifacts", [])]
+    all_gates = [g for a in artifacts + stage_artifacts for row in (a, *a["other_runtimes"]) for g in row["gates"]]
+    verdict = "pass" if artifacts and all(g["passed"] for g in all_gates) else "fail"
     entry_info = model_entry(recipe.model.architecture)
     report = {
         "recipe": recipe.name,
@@ -334,24 +304,6 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
         manifest["golden"] = write_golden(out, evaluation, reference, ref_verification["threshold"])
         write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return BuildResult(out, report, log.records)
-
-
-def _artifact_call(target: Target, path: Path, example: np.ndarray) -> Callable[[int], Callable[[], object]]:
-    """For a thread count, a zero-argument call that runs the artifact once on `example`."""
-
-    def make_call(threads: int) -> Callable[[], object]:
-        runner = target.load_runner(path, threads)
-        return lambda: runner(example)
-
-    return make_call
-
-
-def _io(artifact: CompiledArtifact) -> dict[str, Any]:
-    return {
-        "input": {"name": artifact.input_name, "shape": artifact.input_shape, "dtype": artifact.input_dtype,
-                  "layout": artifact.input_layout},
-        "output": {"name": artifact.output_name, "shape": artifact.output_shape, "dtype": artifact.output_dtype},
-    }
 
 
 def _manifest(recipe: Recipe, report: dict[str, Any]) -> dict[str, Any]:

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from factory import gates
 from factory.align.template import align_face
+from factory.artifacts import Check, StageSpec, compile_and_verify, in_layout, nchw
 from factory.data import load_images
 from factory.detection import (
     DeployedDetector,
@@ -41,8 +41,7 @@ from factory.detection import (
     torch_runner,
 )
 from factory.evaluation import EvaluationSet, torch_embeddings
-from factory.io import artifact_bytes
-from factory.latency import all_threads, latency_rows
+from factory.latency import latency_rows
 from factory.models.lefv_detector import OUTPUT_CHANNELS, STRIDE, LEFVDetector
 from factory.models.lefv_normaliser import Normaliser
 from factory.models.mobilefacenet import MobileFaceNet
@@ -51,7 +50,7 @@ from factory.peers import torch_eager_call
 from factory.profile import count_macs, count_parameters
 from factory.recipe import Recipe
 from factory.stages import Stage, StageLog
-from factory.targets import CompileRequest, get_target
+from factory.targets import CompiledArtifact, Runner, Target
 from factory.weights import load_weights, sha256_of, training_summary
 
 DETECTOR_MEAN = [127.5, 127.5, 127.5]
@@ -105,7 +104,6 @@ def detection_parity(outputs: np.ndarray, reference: np.ndarray, scales: list[fl
 
 
 def build_detector(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], None],
-                   latency_call: Callable[[Any, Path, np.ndarray], Callable[[int], Callable[[], object]]],
                    photos: tuple[list[Photo], list[Photo]]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Compile the recipe's detector to every target and verify each artifact (see the module docstring).
 
@@ -132,21 +130,21 @@ def build_detector(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[
     runners: dict[str, Callable[[], Callable[[np.ndarray], np.ndarray]]] = {
         "PyTorch fp32": lambda: torch_runner(deployed)}
 
-    def verify(runner: Callable[[np.ndarray], np.ndarray], layout: str, entry: dict[str, Any]) -> None:
-        outputs = runner(canvases.transpose(0, 2, 3, 1).copy() if layout == "NHWC" else canvases)
+    def check(runner: Runner, artifact: CompiledArtifact, _target: Target) -> Check:
+        outputs = runner(in_layout(canvases, artifact.input_layout))
         parity = detection_parity(outputs, reference, scales, held_out)
-        teacher = score_detector(_single(runner, layout), held_out, size).summary()
+        teacher = score_detector(nchw(runner, artifact.input_layout), held_out, size).summary()
         parity["recall_drop"] = reference_score["recall"] - teacher["recall"]
-        entry.update(parity=parity, teacher=teacher,
-                     gates=gates.evaluate(cfg.gates.get(entry["precision"]), parity))
+        return Check(parity, {"teacher": teacher})
 
-    artifacts = compile_stage(
-        recipe, log, printer, latency_call, network, calibration, canvases, verify, runners,
-        StageGraph(stem=f"{recipe.name}_detector", graph=DeployedDetector, mean=DETECTOR_MEAN, std=DETECTOR_STD,
-                   output_name="detections", output_shape=[1, OUTPUT_CHANNELS, cells, cells],
-                   description="Face detector (LEFV stage 1) built by the mobile face-model factory: "
-                               "score, box and 5 landmarks per 16-pixel cell", observer=cfg.observer),
-        out, f"{len(held_out)} held-out photos")
+    stage = StageSpec(
+        stem=f"{recipe.name}_detector", network=network, graph=DeployedDetector, mean=DETECTOR_MEAN,
+        std=DETECTOR_STD, calibration=calibration, latency_input=canvases, check=check, gates=cfg.gates,
+        what=lambda _target: f"{len(held_out)} held-out photos", output_name="detections",
+        output_shape=[1, OUTPUT_CHANNELS, cells, cells], observer=cfg.observer or recipe.data.calibration.observer,
+        description="Face detector (LEFV stage 1) built by the mobile face-model factory: score, box and 5 "
+                    "landmarks per 16-pixel cell")
+    artifacts = _compile(stage, recipe, out, log, printer, runners)
     torch_latency = pytorch_latency(deployed, canvases[:1], recipe)
     return {
         "architecture": "lefv_detector",
@@ -182,7 +180,6 @@ def normaliser_parity(outputs: np.ndarray, reference: np.ndarray, reference_embe
 
 
 def build_normaliser(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], None],
-                     latency_call: Callable[[Any, Path, np.ndarray], Callable[[int], Callable[[], object]]],
                      evaluation: EvaluationSet, calibration: np.ndarray, recogniser: nn.Module,
                      ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Compile the recipe's face normaliser to every target and verify each artifact on held-out faces; score
@@ -208,20 +205,19 @@ def build_normaliser(recipe: Recipe, out: Path, log: StageLog, printer: Callable
     runners: dict[str, Callable[[], Callable[[np.ndarray], np.ndarray]]] = {
         "PyTorch fp32": lambda: lambda batch: normalise_pixels(deployed, batch)}
 
-    def verify(runner: Callable[[np.ndarray], np.ndarray], layout: str, entry: dict[str, Any]) -> None:
-        outputs = _single(runner, layout)(faces)
-        parity = normaliser_parity(outputs, reference, reference_embeddings, recogniser)
-        entry.update(parity=parity, gates=gates.evaluate(cfg.gates.get(entry["precision"]), parity))
+    def check(runner: Runner, artifact: CompiledArtifact, _target: Target) -> Check:
+        outputs = nchw(runner, artifact.input_layout)(faces)
+        return Check(normaliser_parity(outputs, reference, reference_embeddings, recogniser))
 
     size = recipe.model.input.size
-    artifacts = compile_stage(
-        recipe, log, printer, latency_call, network, calibration, faces, verify, runners,
-        StageGraph(stem=f"{recipe.name}_normaliser", graph=DeployedNormaliser, mean=[PIXEL_MEAN] * 3,
-                   std=[PIXEL_SCALE] * 3, output_name="normalised", output_shape=[1, 3, size, size],
-                   description="Face normaliser (LEFV stage 2) built by the mobile face-model factory: an aligned "
-                               "face's RGB pixels in, the normalised face's pixels out (NCHW, 0-255)",
-                   observer=cfg.observer),
-        out, f"{len(faces)} held-out faces")
+    stage = StageSpec(
+        stem=f"{recipe.name}_normaliser", network=network, graph=DeployedNormaliser, mean=[PIXEL_MEAN] * 3,
+        std=[PIXEL_SCALE] * 3, calibration=calibration, latency_input=faces, check=check, gates=cfg.gates,
+        what=lambda _target: f"{len(faces)} held-out faces", output_name="normalised",
+        output_shape=[1, 3, size, size], observer=cfg.observer or recipe.data.calibration.observer,
+        description="Face normaliser (LEFV stage 2) built by the mobile face-model factory: an aligned face's RGB "
+                    "pixels in, the normalised face's pixels out (NCHW, 0-255)")
+    artifacts = _compile(stage, recipe, out, log, printer, runners)
     return {
         "architecture": "lefv_normaliser",
         "weights_sha256": sha256_of(weights_path),
@@ -237,85 +233,22 @@ def build_normaliser(recipe: Recipe, out: Path, log: StageLog, printer: Callable
     }, runners
 
 
-@dataclass
-class StageGraph:
-    """How a pipeline stage is deployed: artifact file stem, graph around the network, its I/O and description."""
-
-    stem: str
-    graph: Callable[[nn.Module], nn.Module]
-    mean: list[float]
-    std: list[float]
-    output_name: str
-    output_shape: list[int]
-    description: str
-    observer: str | None = None  # int8 activation observer (`factory.observers`); None: data.calibration.observer
-
-
-def compile_stage(recipe: Recipe, log: StageLog, printer: Callable[[str], None],
-                  latency_call: Callable[[Any, Path, np.ndarray], Callable[[int], Callable[[], object]]],
-                  network: nn.Module, calibration: np.ndarray, inputs: np.ndarray,
-                  verify: Callable[[Callable[[np.ndarray], np.ndarray], str, dict[str, Any]], None],
-                  runners: dict[str, Callable[[], Callable[[np.ndarray], np.ndarray]]], stage: StageGraph,
-                  out: Path, what: str) -> list[dict[str, Any]]:
-    """Compile a pipeline stage's `network` to every target and precision of the recipe and verify each artifact.
-
-    `verify(runner, layout, entry)` runs the artifact on the stage's held-out `inputs` (NCHW) and adds `parity`
-    and `gates` (and anything else) to its report entry. Adds, by "format precision", a function loading a
-    runner that takes NCHW input to `runners` (loaded right before use, see the ExecuTorch target's threadpool
-    note). Returns the artifacts' report entries.
-    """
-    artifacts = []
-    for target_cfg in recipe.targets:
-        target = get_target(target_cfg.format)
-        for precision in target_cfg.precisions:
-            request = CompileRequest(
-                backbone=network, mean=stage.mean, std=stage.std, embedding_size=0, precision=precision,
-                calibration=calibration, output=out / f"{stage.stem}_{precision}{target.suffix}", stages=log,
-                graph=stage.graph, output_name=stage.output_name, output_shape=stage.output_shape,
-                description=stage.description, observer=stage.observer or recipe.data.calibration.observer,
-            )
-            artifact = target.compile(request)
-            artifact.quantization = request.describe_quantization(artifact.quantization)
-            entry: dict[str, Any] = {
-                "file": artifact.path.name, "format": artifact.format, "precision": precision,
-                "bytes": artifact_bytes(artifact.path), "sha256": sha256_of(artifact.path),
-                "quantization": artifact.quantization, "runtime": target.runtime_name,
-                "io": {"input": {"name": artifact.input_name, "shape": artifact.input_shape,
-                                 "layout": artifact.input_layout},
-                       "output": {"name": artifact.output_name, "shape": artifact.output_shape}},
-                "verified_by": target.runtime_name, "status": "verified", "latency_ms": None,
-            }
-            layout_inputs = inputs.transpose(0, 2, 3, 1).copy() if artifact.input_layout == "NHWC" else inputs
-            with log.stage(Stage.VERIFY, f"{artifact.path.name} on {what}"):
-                verify(target.load_runner(artifact.path, all_threads()), artifact.input_layout, entry)
-                runners[f"{artifact.format} {precision}"] = (
-                    lambda target=target, path=artifact.path, layout=artifact.input_layout:
-                    _single(target.load_runner(path, all_threads()), layout))
-            if target.host_latency:
-                with log.stage(Stage.VERIFY, f"{artifact.path.name} latency"):
-                    entry["latency_ms"] = latency_rows(latency_call(target, artifact.path, layout_inputs[:1]),
-                                                       recipe.latency.warmup, recipe.latency.runs)
-            for gate in entry["gates"]:
-                if not gate["passed"]:
-                    printer(f"  GATE FAILED {artifact.path.name}: {gate['metric']} = {gate['value']:.6f}, "
-                            f"needs {gate['op']} {gate['threshold']}")
-            artifacts.append(entry)
-    return artifacts
+def _compile(stage: StageSpec, recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], None],
+             runners: dict[str, Callable[[], Runner]]) -> list[dict[str, Any]]:
+    """`compile_and_verify` of a pipeline stage with the recipe's targets; adds, by "format precision", a function
+    loading each artifact's NCHW runner to `runners` (loaded right before use, see the ExecuTorch target's
+    threadpool note). Returns the artifacts' report entries."""
+    results = compile_and_verify(stage, [(t.format, t.precisions) for t in recipe.targets], out, log, printer,
+                                 (recipe.latency.warmup, recipe.latency.runs))
+    for result in results:
+        runners[f"{result.format} {result.precision}"] = result.nchw_runner
+    return [result.to_dict() for result in results]
 
 
 def pytorch_latency(deployed: nn.Module, example: np.ndarray, recipe: Recipe) -> dict[str, dict[str, float]]:
     """Host latency of a stage's PyTorch eager graph on one input, at 1 and all threads."""
     return latency_rows(lambda threads: torch_eager_call(deployed, example, threads), recipe.latency.warmup,
                         recipe.latency.runs)
-
-
-def _single(runner: Callable[[np.ndarray], np.ndarray], layout: str) -> Callable[[np.ndarray], np.ndarray]:
-    """A runner taking NCHW canvases, for an artifact whose input is `layout`."""
-    if layout == "NHWC":
-        return lambda batch: runner(batch.transpose(0, 2, 3, 1).copy())
-    return runner
-
-
 
 
 # ------------------------------------------------------------------------------------------------ end to end

@@ -14,7 +14,6 @@ import torch
 import yaml
 from helpers import TinyFaceNet, draw_photo, ideal_maps, recipe_dict, settle_batchnorm, synthetic_dataset
 
-from factory.build import _artifact_call
 from factory.data import load_images, read_split
 from factory.deploy import Embedder
 from factory.evaluation import load_evaluation_set
@@ -155,7 +154,7 @@ def test_normaliser_artifacts_reproduce_pytorch(tmp_path: Path, normaliser_setup
     evaluation = load_evaluation_set(recipe)
     calibration = evaluation.pixels("NCHW")
     section, runners = build_normaliser(recipe, tmp_path, StageLog(lambda _line: None, tmp_path / "log"),
-                                        lambda _line: None, _artifact_call, evaluation, calibration, recogniser)
+                                        lambda _line: None, evaluation, calibration, recogniser)
     rows = {f"{a['format']} {a['precision']}": a for a in section["artifacts"]}
     assert set(rows) == {"tflite fp32", "tflite int8", "executorch fp32", "executorch int8"}
     assert set(runners) == {"PyTorch fp32", *rows}

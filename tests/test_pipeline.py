@@ -15,7 +15,6 @@ import torch
 import yaml
 from helpers import draw_photo, ideal_maps, recipe_dict, synthetic_dataset
 
-from factory.build import _artifact_call
 from factory.detection import train_detector
 from factory.pipeline import StageRunners, detection_parity, end_to_end
 from factory.recipe import DetectorTrainConfig, load_recipe
@@ -56,7 +55,7 @@ def test_detector_artifacts_reproduce_pytorch_detections(tmp_path: Path, detecto
 
     recipe, _ = detector_recipe
     section, runners = build_detector(recipe, tmp_path, StageLog(lambda _line: None, tmp_path / "log"),
-                                      lambda _line: None, _artifact_call, drawn)
+                                      lambda _line: None, drawn)
     rows = {f"{a['format']} {a['precision']}": a for a in section["artifacts"]}
     assert set(rows) == {"tflite fp32", "tflite int8", "executorch fp32", "executorch int8"}
     assert set(runners) == {"PyTorch fp32", *rows}
@@ -92,7 +91,7 @@ def test_a_stage_observer_sets_that_stage_s_int8_activation_ranges(tmp_path: Pat
                                                                          observer="mean_min_max")))
     assert recipe.data.calibration.observer == "default"
     section, _ = build_detector(recipe, tmp_path, StageLog(lambda _line: None, tmp_path / "log"),
-                                lambda _line: None, _artifact_call, drawn)
+                                lambda _line: None, drawn)
     (artifact,) = section["artifacts"]
     assert DESCRIPTIONS["mean_min_max"] in artifact["quantization"], artifact["quantization"]
     # Ranges from the mean of each canvas's min and max still reproduce PyTorch's detections closely.

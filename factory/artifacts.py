@@ -1,0 +1,214 @@
+"""One compile-and-verify path for every deployed network: the recogniser and each pipeline stage.
+
+A `StageSpec` says what to deploy (the network, the graph around it, its input normalisation and output),
+which faces calibrate int8, and how an artifact is checked (`check`: runner in, parity metrics out).
+`compile_and_verify` compiles it with every target and precision of the recipe, runs each artifact in its
+runtime (and in any further runtime the target names on this host), evaluates the stage's gates on the
+parity metrics (`factory.gates`), times the artifact where its runtime runs natively, and returns one typed
+`ArtifactResult` per artifact; `ArtifactResult.to_dict` is its report.json entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from factory import gates
+from factory.io import artifact_bytes
+from factory.latency import all_threads, latency_rows
+from factory.stages import Stage, StageLog
+from factory.targets import CompiledArtifact, CompileRequest, Runner, Target, get_target
+from factory.weights import sha256_of
+
+
+@dataclass
+class Check:
+    """What a stage's check measured on one artifact: `parity` is gated; `extra` goes into the artifact's
+    report entry as it is (e.g. the detector's recall against its teacher, the recogniser's parity pair set)."""
+
+    parity: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageSpec:
+    """One deployed network of a build and how its artifacts are verified.
+
+    Attributes:
+        stem: Artifact file stem; files are `<stem>_<precision><suffix>`.
+        network: The fp32 network in eval mode (what int8 quantises).
+        mean, std: The pixel normalisation the deployed graph applies before the network.
+        calibration: NCHW float pixels that set int8 activation ranges.
+        latency_input: One NCHW input, for host latency.
+        check: Runs an artifact's runner (input in the artifact's layout) on the stage's held-out inputs; called
+            for the artifact's runtime and for every further runtime its target names on this host.
+        follow_up: Further measurements with the artifact's own runtime only (the recogniser's benchmarks),
+            after the check; returns entries for the artifact's report entry.
+        gates: Gate dataclass per precision (`factory.gates` reads their `_min`/`_max` keys).
+        what: For the log line of each artifact's verification: what it runs on (may depend on the target).
+        graph: Builds the deployed graph around the network; None: the face embedder (`factory.deploy.Embedder`).
+        embedding_size: The embedder's width (the recogniser); 0 for other stages.
+        output_name, output_shape, description, observer, w8_keep_float16_up_to: See `CompileRequest`.
+    """
+
+    stem: str
+    network: nn.Module
+    mean: list[float]
+    std: list[float]
+    calibration: np.ndarray
+    latency_input: np.ndarray
+    check: Callable[[Runner, CompiledArtifact, Target], Check]
+    gates: Mapping[str, object]
+    what: Callable[[Target], str]
+    follow_up: Callable[[Runner, CompiledArtifact, Target], dict[str, Any]] | None = None
+    graph: Callable[[nn.Module], nn.Module] | None = None
+    embedding_size: int = 0
+    output_name: str = "embedding"
+    output_shape: list[int] | None = None
+    description: str = "Face embedding model built by the mobile face-model factory"
+    observer: str = "default"
+    w8_keep_float16_up_to: dict[str, int] = field(default_factory=dict)  # by target format
+
+
+@dataclass
+class OtherRuntime:
+    """The same artifact verified in a further runtime of this host (e.g. Core ML's GPU and Neural Engine)."""
+
+    verified_by: str
+    parity: dict[str, Any]
+    gates: list[dict[str, Any]]
+
+
+@dataclass
+class ArtifactResult:
+    """One compiled and verified artifact (its report.json entry is `to_dict()`)."""
+
+    path: Path
+    target: Target
+    file: str
+    format: str
+    precision: str
+    bytes: int
+    sha256: str
+    quantization: str
+    runtime: str
+    io: dict[str, Any]
+    details: dict[str, Any]
+    verified_by: str
+    parity: dict[str, Any]
+    gates: list[dict[str, Any]]
+    latency_ms: dict[str, dict[str, float]] | None = None
+    other_runtimes: list[OtherRuntime] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    status: str = "verified"
+
+    @property
+    def input_layout(self) -> str:
+        return self.io["input"]["layout"]
+
+    @property
+    def passed(self) -> bool:
+        return all(g["passed"] for row in (self, *self.other_runtimes) for g in row.gates)
+
+    def nchw_runner(self, threads: int | None = None) -> Runner:
+        """A runner of the artifact that takes NCHW input whatever its layout (loaded now)."""
+        return nchw(self.target.load_runner(self.path, threads or all_threads()), self.input_layout)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file, "format": self.format, "precision": self.precision, "bytes": self.bytes,
+            "sha256": self.sha256, "quantization": self.quantization, "runtime": self.runtime, "io": self.io,
+            "details": self.details, "verified_by": self.verified_by, "status": self.status,
+            "parity": self.parity, "gates": self.gates, "latency_ms": self.latency_ms,
+            "other_runtimes": [{"verified_by": o.verified_by, "parity": o.parity, "gates": o.gates}
+                               for o in self.other_runtimes],
+            **self.extra,
+        }
+
+
+def nchw(runner: Runner, layout: str) -> Runner:
+    """A runner taking NCHW input, for an artifact whose input is `layout`."""
+    if layout == "NHWC":
+        return lambda batch: runner(batch.transpose(0, 2, 3, 1).copy())
+    return runner
+
+
+def in_layout(nchw_pixels: np.ndarray, layout: str) -> np.ndarray:
+    """NCHW pixels in an artifact's input layout."""
+    return nchw_pixels.transpose(0, 2, 3, 1).copy() if layout == "NHWC" else nchw_pixels
+
+
+def artifact_call(target: Target, path: Path, example: np.ndarray) -> Callable[[int], Callable[[], object]]:
+    """For a thread count, a zero-argument call that runs the artifact once on `example`."""
+
+    def make_call(threads: int) -> Callable[[], object]:
+        runner = target.load_runner(path, threads)
+        return lambda: runner(example)
+
+    return make_call
+
+
+def _io(artifact: CompiledArtifact) -> dict[str, Any]:
+    return {
+        "input": {"name": artifact.input_name, "shape": artifact.input_shape, "dtype": artifact.input_dtype,
+                  "layout": artifact.input_layout},
+        "output": {"name": artifact.output_name, "shape": artifact.output_shape, "dtype": artifact.output_dtype},
+    }
+
+
+def compile_and_verify(spec: StageSpec, targets: list[tuple[str, list[str]]], out: Path, log: StageLog,
+                       printer: Callable[[str], None], latency: tuple[int, int]) -> list[ArtifactResult]:
+    """Compile `spec` for each (format, precisions) of `targets` into `out` and verify every artifact.
+
+    `latency` is (warm-up calls, timed runs) of the host latency measurement.
+    """
+    results = []
+    for fmt, precisions in targets:
+        target = get_target(fmt)
+        for precision in precisions:
+            request = CompileRequest(
+                backbone=spec.network, mean=spec.mean, std=spec.std, embedding_size=spec.embedding_size,
+                precision=precision, calibration=spec.calibration,
+                output=out / f"{spec.stem}_{precision}{target.suffix}", stages=log, graph=spec.graph,
+                output_name=spec.output_name, output_shape=spec.output_shape, description=spec.description,
+                observer=spec.observer, w8_keep_float16_up_to=spec.w8_keep_float16_up_to.get(fmt, 0),
+            )
+            artifact = target.compile(request)
+            artifact.quantization = request.describe_quantization(artifact.quantization)
+            results.append(_verify(spec, target, artifact, log, printer, latency))
+    return results
+
+
+def _verify(spec: StageSpec, target: Target, artifact: CompiledArtifact, log: StageLog,
+            printer: Callable[[str], None], latency: tuple[int, int]) -> ArtifactResult:
+    gate = spec.gates.get(artifact.precision)
+    with log.stage(Stage.VERIFY, f"{artifact.path.name} on {spec.what(target)}"):
+        runner = target.load_runner(artifact.path, all_threads())
+        measured = spec.check(runner, artifact, target)
+        others = []
+        for runtime, other_runner in target.extra_runners(artifact.path).items():
+            other = spec.check(other_runner, artifact, target)
+            others.append(OtherRuntime(runtime, other.parity, gates.evaluate(gate, other.parity)))
+    extra = {**measured.extra, **(spec.follow_up(runner, artifact, target) if spec.follow_up else {})}
+    result = ArtifactResult(
+        path=artifact.path, target=target, file=artifact.path.name, format=artifact.format,
+        precision=artifact.precision, bytes=artifact_bytes(artifact.path), sha256=sha256_of(artifact.path),
+        quantization=artifact.quantization, runtime=target.runtime_name, io=_io(artifact),
+        details=artifact.details, verified_by=target.runtime_name, parity=measured.parity,
+        gates=gates.evaluate(gate, measured.parity), other_runtimes=others, extra=extra,
+    )
+    if target.host_latency:
+        with log.stage(Stage.VERIFY, f"{artifact.path.name} latency"):
+            example = in_layout(spec.latency_input[:1], artifact.input_layout)
+            result.latency_ms = latency_rows(artifact_call(target, artifact.path, example), *latency)
+    for row in (result, *others):
+        for failed in (g for g in row.gates if not g["passed"]):
+            printer(f"  GATE FAILED {artifact.path.name}{'' if row is result else f' ({row.verified_by})'}: "
+                    f"{failed['metric']} = {failed['value']:.6f}, needs {failed['op']} {failed['threshold']} "
+                    f"(off by {-failed['margin']:.6f})")
+    return result
