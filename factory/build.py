@@ -35,6 +35,7 @@ from factory.plots import plot_cosine_histograms, plot_roc
 from factory.profile import count_macs, count_parameters
 from factory.recipe import MIN_CALIBRATION_FACES, Recipe, data_path
 from factory.report import write_reports
+from factory.report_schema import BuildReport, from_data, to_data
 from factory.stages import Stage, StageLog, console_printer, output_to
 from factory.targets import CompiledArtifact, Runner, Target
 
@@ -43,15 +44,15 @@ TOOL_PACKAGES = ("torch", "executorch", "litert-torch", "ai-edge-litert", "corem
 
 @dataclass
 class BuildResult:
-    """What a build produced; `report` is the content of report.json."""
+    """What a build produced; report.json is `to_data(report)`."""
 
     out_dir: Path
-    report: dict[str, Any]
+    report: BuildReport
     stages: list[dict[str, object]] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return self.report["verdict"] == "pass"
+        return self.report.passed
 
 
 def tool_versions() -> dict[str, str]:
@@ -298,12 +299,15 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
         title = f"{recipe.name}: {len(evaluation.pairs)} pairs, {len(evaluation.paths)} held-out faces"
         plot_roc(curves, out / "roc.png", f"ROC, {title}")
         plot_cosine_histograms(cosines, out / "cosine_histogram.png", f"Parity with the fp32 reference, {title}")
-        write_reports(out, report, figures={"ROC curves": "roc.png", "Cosine histograms": "cosine_histogram.png"})
+        # The report is checked against its types before anything is written: report.json always reads back.
+        typed = from_data(BuildReport, report)
+        write_reports(out, to_data(typed),
+                      figures={"ROC curves": "roc.png", "Cosine histograms": "cosine_histogram.png"})
         manifest = _manifest(recipe, report)
         # Inputs and reference embeddings for on-device parity (mobile_harness).
         manifest["golden"] = write_golden(out, evaluation, reference, ref_verification["threshold"])
         write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
-    return BuildResult(out, report, log.records)
+    return BuildResult(out, typed, log.records)
 
 
 def _manifest(recipe: Recipe, report: dict[str, Any]) -> dict[str, Any]:

@@ -45,10 +45,9 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _recipe_lines(recipes_dir: Path, reports_dir: Path) -> list[str]:
     """One line per recipe: its model, whether its weights exist, LFW fp32 and int8, teacher, the paper's LFW."""
-    import json
-
     from factory.models import model_entry
     from factory.recipe import load_recipe
+    from factory.report_schema import read_report
     from factory.results import int8_accuracy_range, teachers_of
 
     lines = []
@@ -69,17 +68,17 @@ def _recipe_lines(recipes_dir: Path, reports_dir: Path) -> list[str]:
         weights = ("imported" if entry.imported is not None else "weights ok") if present else "NO WEIGHTS"
         report = reports_dir / recipe.name / "report.json"
         if report.is_file():
-            built = json.loads(report.read_text())
-            accuracy = built["reference"]["lfw_accuracy"]
-            measured = f"LFW {100 * accuracy:.2f}% ({built['verdict']}, {built['created'][:10]})"
+            built = read_report(report)
+            accuracy = built.reference.lfw_accuracy
+            measured = f"LFW {100 * accuracy:.2f}% ({built.verdict}, {built.created[:10]})"
             int8 = int8_accuracy_range(built)
             if int8 is not None:
                 low, high = int8
                 measured += f"; int8 {100 * low:.2f}%" + (f"-{100 * high:.2f}%" if high > low else "")
-            detector = built.get("pipeline", {}).get("detector")
+            detector = (built.pipeline or {}).get("detector")
             if detector:
                 measured += f"; detector recall {100 * detector['reference']['recall']:.1f}% of MTCNN's faces"
-            normaliser = built.get("pipeline", {}).get("normaliser")
+            normaliser = (built.pipeline or {}).get("normaliser")
             if normaliser:
                 measured += (f"; normaliser: identity cosine {normaliser['identity']['identity_cosine_mean']:.3f}, "
                              f"LFW {100 * normaliser['identity']['accuracy_with']:.2f}% normalised")
@@ -190,7 +189,7 @@ def _build(args: argparse.Namespace) -> int:
 
     recipe = _load_recipe(args)
     result = build(recipe, Path(args.out) if args.out else None)
-    print(f"\n{result.report['verdict'].upper()}: report in {result.out_dir / 'report.md'}")
+    print(f"\n{result.report.verdict.upper()}: report in {result.out_dir / 'report.md'}")
     return 0 if result.passed else 1
 
 

@@ -19,12 +19,13 @@ from typing import Any
 from factory.errors import FactoryError
 from factory.io import atomic_path, write_text_atomic
 from factory.report import percent
+from factory.report_schema import Artifact, BuildReport, ReportSchemaError, read_report
 
 # Host latency is compared at one thread: the phone runners' default and the least noisy setting here.
 LATENCY_KEY = "1_thread"
 
 
-def load_build_report(folder: Path) -> dict[str, Any]:
+def load_build_report(folder: Path) -> BuildReport:
     """A finished build's `report.json`; the error says how to make one."""
     path = folder / "report.json" if folder.is_dir() or folder.suffix != ".json" else folder
     if not path.is_file():
@@ -33,61 +34,56 @@ def load_build_report(folder: Path) -> dict[str, Any]:
             f"(its report folder is reports/<recipe>/)"
         )
     try:
-        report = json.loads(path.read_text())
-        missing = [key for key in ("recipe", "verdict", "created", "model", "evaluation", "reference", "artifacts")
-                   if key not in report]
-    except (json.JSONDecodeError, TypeError) as error:
-        missing = [f"valid JSON ({error})"]
-    if missing:
-        raise FactoryError(f"{path} is not a factory build report (no {', '.join(missing)}); rebuild its recipe")
-    return report
+        return read_report(path)
+    except ReportSchemaError as error:
+        raise FactoryError(f"{path} is not a factory build report ({error}); rebuild its recipe") from None
 
 
-def artifact_kind(artifact: dict[str, Any]) -> str:
+def artifact_kind(artifact: Artifact) -> str:
     """Column name of an artifact across builds: format and precision (file names differ per recipe)."""
-    return f"{artifact['format']} {artifact['precision']}"
+    return artifact.label
 
 
-def summarise(reports: list[dict[str, Any]]) -> dict[str, Any]:
+def summarise(reports: list[BuildReport]) -> dict[str, Any]:
     """The comparison as data: one row per build, artifact columns in first-seen order."""
     kinds: list[str] = []
     rows = []
     for report in reports:
-        model, ref = report["model"], report["reference"]
+        model, ref = report.model, report.reference
         artifacts = {}
-        for a in report["artifacts"]:
+        for a in report.artifacts:
             kind = artifact_kind(a)
             if kind not in kinds:
                 kinds.append(kind)
-            parity = a["parity"] or {}
-            latency = (a["latency_ms"] or {}).get(LATENCY_KEY)
+            parity = a.parity or {}
+            latency = (a.latency_ms or {}).get(LATENCY_KEY)
             artifacts[kind] = {
-                "file": a["file"],
-                "bytes": a["bytes"],
-                "status": a["status"],
+                "file": a.file,
+                "bytes": a.bytes,
+                "status": a.status,
                 "cosine_mean": parity.get("cosine_mean"),
                 "lfw_accuracy": parity.get("lfw_accuracy"),
                 "lfw_accuracy_drop": parity.get("lfw_accuracy_drop"),
-                "pairs": (a.get("parity_set") or {}).get("pairs", report["evaluation"]["pairs"]) if parity else None,
-                "latency_median_ms": None if latency is None else latency["median_ms"],
-                "latency_p90_ms": None if latency is None else latency["p90_ms"],
+                "pairs": (a.parity_set.pairs if a.parity_set else report.evaluation.pairs) if parity else None,
+                "latency_median_ms": None if latency is None else latency.median_ms,
+                "latency_p90_ms": None if latency is None else latency.p90_ms,
             }
         rows.append({
-            "recipe": report["recipe"],
-            "verdict": report["verdict"],
-            "created": report["created"],
-            "architecture": model["architecture"],
-            "paper": model["paper"],
-            "paper_numbers": model["paper_numbers"],
-            "paper_numbers_at": model.get("paper_numbers_at") or {},
-            "params": model["params"],
-            "macs": model["macs"],
-            "weights_sha256": model["weights_sha256"],
-            "lfw_accuracy": ref["lfw_accuracy"],
-            "lfw_accuracy_std": ref["lfw_accuracy_std"],
-            "tar_at_far_1e-03": ref["tar_at_far_1e-03"],
-            "pairs": report["evaluation"]["pairs"],
-            "training": model.get("training"),
+            "recipe": report.recipe,
+            "verdict": report.verdict,
+            "created": report.created,
+            "architecture": model.architecture,
+            "paper": model.paper,
+            "paper_numbers": model.paper_numbers,
+            "paper_numbers_at": model.paper_numbers_at,
+            "params": model.params,
+            "macs": model.macs,
+            "weights_sha256": model.weights_sha256,
+            "lfw_accuracy": ref.lfw_accuracy,
+            "lfw_accuracy_std": ref.lfw_accuracy_std,
+            "tar_at_far_1e-03": ref.tar_at_far_1e_03,
+            "pairs": report.evaluation.pairs,
+            "training": model.training,
             "artifacts": artifacts,
         })
     return {"latency": f"batch 1, {LATENCY_KEY.replace('_', ' ')}", "kinds": kinds, "rows": rows}
@@ -203,7 +199,7 @@ def compare(folders: list[Path], out: Path, title: str) -> dict[str, Any]:
     if len(folders) < 2:
         raise FactoryError("compare needs at least two build report folders, e.g. reports/a reports/b")
     reports = [load_build_report(folder) for folder in folders]
-    names = [r["recipe"] for r in reports]
+    names = [r.recipe for r in reports]
     if len(set(names)) != len(names):
         raise FactoryError(f"the same recipe is listed twice ({', '.join(names)}); list each build once")
     summary = summarise(reports)

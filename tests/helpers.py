@@ -192,3 +192,47 @@ class Server:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
+
+
+# Synthetic build reports: the committed MobileFaceNet report with the numbers a test sets, so that they fit the
+# report types (factory/report_schema.py) exactly as a real build's do.
+REPORT_TEMPLATE = REPO / "reports" / "mobilefacenet" / "report.json"
+
+
+def synthetic_artifact(fmt: str, precision: str, accuracy: float, drop: float = 0.0, size: int = 400_000,
+                       median: float | None = 1.0, pairs: int = 6000) -> dict:
+    """A report's artifact entry: LFW `accuracy` (a `drop` from the reference), host latency `median` (None:
+    not timed) and the pairs it was verified on."""
+    import copy
+    import json
+
+    entry = copy.deepcopy(json.loads(REPORT_TEMPLATE.read_text())["artifacts"][0])
+    entry.update(file=f"m_{precision}.{fmt}", format=fmt, precision=precision, bytes=size, status="verified",
+                 benchmarks={}, parity_set={"pairs": pairs, "images": 100, "reference_accuracy": accuracy + drop})
+    entry["parity"].update(cosine_mean=0.999, lfw_accuracy=accuracy, lfw_accuracy_drop=drop)
+    entry["latency_ms"] = None if median is None else {
+        "1_thread": {"median_ms": median, "p90_ms": median * 1.1, "mean_ms": median, "min_ms": median, "runs": 50}}
+    return entry
+
+
+def synthetic_report(recipe: str, accuracy: float, artifacts: list[dict], **model: object) -> dict:
+    """A build report of `recipe` with reference LFW `accuracy`, these artifacts, and `model` fields replaced."""
+    import copy
+    import json
+
+    report = copy.deepcopy(json.loads(REPORT_TEMPLATE.read_text()))
+    report.pop("ablation", None)
+    report.update(recipe=recipe, verdict="pass", created="2026-11-23T00:00:00+00:00", artifacts=artifacts)
+    report["model"].update(architecture=recipe, params=1_000_000, weights_sha256="ab" * 32)
+    report["model"].update(model)
+    report["evaluation"]["pairs"] = 6000
+    report["reference"].update({"lfw_accuracy": accuracy, "lfw_accuracy_std": 0.01, "tar_at_far_1e-03": 0.2})
+    return report
+
+
+def write_report(folder: Path, report: dict) -> Path:
+    import json
+
+    folder.mkdir(parents=True)
+    (folder / "report.json").write_text(json.dumps(report))
+    return folder

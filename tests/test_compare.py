@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import synthetic_artifact, synthetic_report, write_report
 
 from factory.cli import main
 from factory.compare import compare
@@ -13,29 +14,14 @@ from factory.compare import compare
 
 def _artifact(fmt: str, precision: str, size: int, accuracy: float, drop: float, median: float | None,
               pairs: int = 6000) -> dict:
-    return {
-        "file": f"m_{precision}.{fmt}", "format": fmt, "precision": precision, "bytes": size, "status": "verified",
-        "parity": {"cosine_mean": 0.999, "lfw_accuracy": accuracy, "lfw_accuracy_drop": drop},
-        "parity_set": {"pairs": pairs, "images": 100, "reference_accuracy": accuracy + drop},
-        "latency_ms": None if median is None else {"1_thread": {"median_ms": median, "p90_ms": median * 1.1}},
-    }
+    return synthetic_artifact(fmt, precision, accuracy, drop=drop, size=size, median=median, pairs=pairs)
 
 
 def _report(folder: Path, recipe: str, macs: float, accuracy: float, artifacts: list[dict]) -> Path:
-    report = {
-        "recipe": recipe, "verdict": "pass", "created": "2026-11-23T00:00:00+00:00",
-        "model": {"architecture": recipe, "paper": "doi:x", "paper_numbers": {"params_m": 1.0},
-                  "paper_numbers_at": {"input_size": 224}, "params": 1_000_000, "macs": macs,
-                  "weights_sha256": "ab" * 32,
-                  "training": {"epochs": 3, "wall_time_s": 600, "device": "cpu", "train_config": {"loss": "triplet"}}},
-        "evaluation": {"pairs": 6000},
-        "reference": {"lfw_accuracy": accuracy, "lfw_accuracy_std": 0.01, "tar_at_far_1e-03": 0.2},
-        "artifacts": artifacts,
-    }
-    path = folder / recipe
-    path.mkdir(parents=True)
-    (path / "report.json").write_text(json.dumps(report))
-    return path
+    return write_report(folder / recipe, synthetic_report(
+        recipe, accuracy, artifacts, macs=int(macs), paper="doi:x", paper_numbers={"params_m": 1.0},
+        paper_numbers_at={"input_size": 224},
+        training={"epochs": 3, "wall_time_s": 600, "device": "cpu", "train_config": {"loss": "triplet"}}))
 
 
 def test_compare_tabulates_each_build_and_artifact_from_the_reports(tmp_path: Path) -> None:

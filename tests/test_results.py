@@ -17,21 +17,17 @@ def test_committed_results_page_matches_the_committed_reports() -> None:
 
 
 def test_results_rows_name_teachers_and_lfw_exposure(tmp_path: Path) -> None:
-    import json
+    from helpers import synthetic_artifact, synthetic_report, write_report
 
     (tmp_path / "recipes").mkdir()
     (tmp_path / "recipes" / "student.yaml").write_text("name: student\n")
-    report = {"verdict": "pass", "reference": {"lfw_accuracy": 0.975},
-              "model": {"architecture": "mobilefacenet", "params": 1.0e6, "macs": 221e6,
-                        "paper_numbers": {"lfw_accuracy": 0.9955},
-                        "training": {"train_config": {"distill": {"teachers": ["dlib_resnet_v1"]}},
-                                     "teachers": {"dlib_resnet_v1": {"lfw_identity_free": True}}}},
-              "artifacts": [{"format": "tflite", "precision": "int8", "parity": {"lfw_accuracy": 0.9731},
-                             "latency_ms": {"1_thread": {"median_ms": 1.234}}, "parity_set": {"pairs": 6000}},
-                            {"format": "coreml", "precision": "int8", "parity": {"lfw_accuracy": 0.97},
-                             "parity_set": {"pairs": 1200, "reference_accuracy": 0.9733}}]}
-    (tmp_path / "reports" / "student").mkdir(parents=True)
-    (tmp_path / "reports" / "student" / "report.json").write_text(json.dumps(report))
+    report = synthetic_report(
+        "student", 0.975, [synthetic_artifact("tflite", "int8", 0.9731, median=1.234),
+                           synthetic_artifact("coreml", "int8", 0.97, drop=0.0033, median=None, pairs=1200)],
+        architecture="mobilefacenet", params=1_000_000, macs=221_000_000, paper_numbers={"lfw_accuracy": 0.9955},
+        training={"train_config": {"distill": {"teachers": ["dlib_resnet_v1"]}},
+                  "teachers": {"dlib_resnet_v1": {"lfw_identity_free": True}}})
+    write_report(tmp_path / "reports" / "student", report)
     (row,) = results_rows(tmp_path / "recipes", tmp_path / "reports")
     assert row["LFW fp32"] == "97.50%" and row["int8 .tflite"] == "97.31%, 1.23 ms"
     assert row["Core ML int8"] == "97.00% (1,200 pairs; reference 97.33%)"
