@@ -35,7 +35,7 @@ from factory.plots import plot_cosine_histograms, plot_roc
 from factory.profile import count_macs, count_parameters
 from factory.recipe import MIN_CALIBRATION_FACES, Recipe, data_path
 from factory.report import write_reports
-from factory.report_schema import BuildReport, from_data, to_data
+from factory.report_schema import BuildReport, from_data
 from factory.stages import Stage, StageLog, console_printer, output_to
 from factory.targets import CompiledArtifact, Runner, Target
 
@@ -301,8 +301,7 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
         plot_cosine_histograms(cosines, out / "cosine_histogram.png", f"Parity with the fp32 reference, {title}")
         # The report is checked against its types before anything is written: report.json always reads back.
         typed = from_data(BuildReport, report)
-        write_reports(out, to_data(typed),
-                      figures={"ROC curves": "roc.png", "Cosine histograms": "cosine_histogram.png"})
+        write_reports(out, typed, figures={"ROC curves": "roc.png", "Cosine histograms": "cosine_histogram.png"})
         manifest = _manifest(recipe, report)
         # Inputs and reference embeddings for on-device parity (mobile_harness).
         manifest["golden"] = write_golden(out, evaluation, reference, ref_verification["threshold"])

@@ -8,6 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from factory.io import write_text_atomic
+from factory.report_schema import (
+    AblationRow,
+    Artifact,
+    BuildReport,
+    EvaluationInfo,
+    Gate,
+    LatencyStats,
+    ModelInfo,
+    from_data,
+    to_data,
+)
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -18,66 +29,66 @@ def percent(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.2f}%"
 
 
-def _latency_cell(rows: dict[str, dict[str, float]] | None, key: str) -> str:
+def _latency_cell(rows: dict[str, LatencyStats] | None, key: str) -> str:
     if not rows or key not in rows:
         return "—"
-    return f"{rows[key]['median_ms']:.2f} / {rows[key]['p90_ms']:.2f}"
+    return f"{rows[key].median_ms:.2f} / {rows[key].p90_ms:.2f}"
 
 
-def render_markdown(report: dict[str, Any], figures: dict[str, str] | None = None) -> str:
+def render_markdown(report: BuildReport, figures: dict[str, str] | None = None) -> str:
     """The human-readable model card of a build."""
-    model, ref, ev = report["model"], report["reference"], report["evaluation"]
-    artifacts = report["artifacts"]
-    thread_keys = sorted({k for a in artifacts if a["latency_ms"] for k in a["latency_ms"]}
-                         | {k for rows in report["peers"].values() for k in rows}, key=lambda k: int(k.split("_")[0]))
-    paper = model["paper_numbers"]
-    paper_at = model.get("paper_numbers_at") or {}
+    model, ref, ev = report.model, report.reference, report.evaluation
+    artifacts = report.artifacts
+    thread_keys = sorted({k for a in artifacts if a.latency_ms for k in a.latency_ms}
+                         | {k for rows in report.peers.values() for k in rows}, key=lambda k: int(k.split("_")[0]))
+    paper = model.paper_numbers
+    paper_at = model.paper_numbers_at
     at = " at " + ", ".join(f"{k}={v}" for k, v in paper_at.items()) if paper_at else ""
     lines = [
-        f"# {report['recipe']} — model card",
+        f"# {report.recipe} — model card",
         "",
-        f"Verdict: **{report['verdict'].upper()}**. Built {report['created']} with `{report['command']}` "
-        f"on {report['host']['platform']} ({report['host']['threads']} threads). Every number below was "
+        f"Verdict: **{report.verdict.upper()}**. Built {report.created} with `{report.command}` "
+        f"on {report.host.platform} ({report.host.threads} threads). Every number below was "
         "measured in that run.",
         "",
         "## The model",
         "",
-        f"- Architecture: `{model['architecture']}` ({model['paper']}).",
-        f"- Parameters: {model['params'] / 1e6:.3f} M (paper {paper.get('params_m', '—')} M); "
-        f"multiply-adds: {model['macs'] / 1e6:.1f} M (paper {paper.get('macs_m', '—')} M){at}.",
+        f"- Architecture: `{model.architecture}` ({model.paper}).",
+        f"- Parameters: {model.params / 1e6:.3f} M (paper {paper.get('params_m', '—')} M); "
+        f"multiply-adds: {model.macs / 1e6:.1f} M (paper {paper.get('macs_m', '—')} M){at}.",
         *render_weights_lines(model),
-        *_training_lines(model.get("training")),
+        *_training_lines(model.training),
         "",
         "## Input and output (all artifacts)",
         "",
-        f"- Input: an aligned {model['input']['color_order']} face (5-point similarity transform onto the ArcFace "
-        f"{model['input']['size']}x{model['input']['size']} template), float32 pixel values in [0, 255]. "
+        f"- Input: an aligned {model.input.color_order} face (5-point similarity transform onto the ArcFace "
+        f"{model.input.size}x{model.input.size} template), float32 pixel values in [0, 255]. "
         f"Normalisation `{_normalisation(model)}` runs inside the model; "
         "the layout per artifact is in the table below.",
         "- Output: float32 embedding, L2-normalised: the dot product of two embeddings is their cosine "
-        f"similarity. Same person when the similarity exceeds the threshold (reference: {_fmt(ref['threshold'])}).",
+        f"similarity. Same person when the similarity exceeds the threshold (reference: {_fmt(ref.threshold)}).",
         "- int8 artifacts keep float32 inputs and outputs: apps need no quantisation maths.",
         "",
         "| artifact | format | precision | input (layout, shape) | output | quantisation |",
         "|---|---|---|---|---|---|",
     ]
     for a in artifacts:
-        io = a["io"]
+        io = a.io
         lines.append(
-            f"| `{a['file']}` | {a['format']} | {a['precision']} | `{io['input']['name']}` {io['input']['layout']} "
-            f"{io['input']['shape']} {io['input']['dtype']} | `{io['output']['name']}` {io['output']['shape']} | "
-            f"{a['quantization']} |"
+            f"| `{a.file}` | {a.format} | {a.precision} | `{io.input.name}` {io.input.layout} "
+            f"{io.input.shape} {io.input.dtype} | `{io.output.name}` {io.output.shape} | "
+            f"{a.quantization} |"
         )
     lines += [
         "",
         "## Parity with the PyTorch fp32 reference",
         "",
-        f"Held-out faces: {ev['parity_images']} images of {ev['pairs']} pairs from `{ev['pairs_file']}` "
-        f"({_held_out_note(model)}); calibration used {ev['calibration_faces']} other "
-        f"faces{_observer_note(ev)}. Verification protocol: {ev['protocol']}.",
+        f"Held-out faces: {ev.parity_images} images of {ev.pairs} pairs from `{ev.pairs_file}` "
+        f"({_held_out_note(model)}); calibration used {ev.calibration_faces} other "
+        f"faces{_observer_note(ev)}. Verification protocol: {ev.protocol}.",
         "",
-        f"Reference ({ref['framework']}): LFW accuracy **{percent(ref['lfw_accuracy'])}** ± "
-        f"{percent(ref['lfw_accuracy_std'])}; TAR@FAR=1e-3 {percent(ref['tar_at_far_1e-03'])} "
+        f"Reference ({ref.framework}): LFW accuracy **{percent(ref.lfw_accuracy)}** ± "
+        f"{percent(ref.lfw_accuracy_std)}; TAR@FAR=1e-3 {percent(ref.tar_at_far_1e_03)} "
         "(FAR 1e-4 needs at least 10,000 impostor pairs and is shown only where measurable).",
         "",
         "| artifact | size | verified by | cosine mean / min / p1 | LFW acc. | drop | TAR@FAR=1e-3 | flips "
@@ -85,20 +96,20 @@ def render_markdown(report: dict[str, Any], figures: dict[str, str] | None = Non
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for a in artifacts:
-        p = a["parity"]
-        size = f"{a['bytes'] / 1e6:.2f} MB"
+        p = a.parity
+        size = f"{a.bytes / 1e6:.2f} MB"
         if p is None:
-            lines.append(f"| `{a['file']}` | {size} | — | {a['status']} | — | — | — | — | — | — |")
+            lines.append(f"| `{a.file}` | {size} | — | {a.status} | — | — | — | — | — | — |")
             continue
-        subset = a.get("parity_set") or {}
-        scope = ("" if subset.get("pairs", ev["pairs"]) >= ev["pairs"] else
-                 f" — on {subset['pairs']} of the pairs ({subset['images']} faces; reference there "
-                 f"{percent(subset['reference_accuracy'])})")
-        for row in (a, *a["other_runtimes"]):  # other runtimes: e.g. Core ML's GPU and Neural Engine on macOS
-            p = row["parity"]
-            gates = _gates_cell(row["gates"])
+        subset = a.parity_set
+        scope = ("" if subset is None or subset.pairs >= ev.pairs else
+                 f" — on {subset.pairs} of the pairs ({subset.images} faces; reference there "
+                 f"{percent(subset.reference_accuracy)})")
+        for row in (a, *(a.other_runtimes or [])):  # other runtimes: e.g. Core ML's GPU and Neural Engine on macOS
+            p = row.parity
+            gates = _gates_cell(row.gates)
             lines.append(
-                f"| `{a['file']}` | {size} | {row['verified_by']}{scope} | {_fmt(p['cosine_mean'], 5)} / "
+                f"| `{a.file}` | {size} | {row.verified_by}{scope} | {_fmt(p['cosine_mean'], 5)} / "
                 f"{_fmt(p['cosine_min'], 5)} / {_fmt(p['cosine_p1'], 5)} | {percent(p['lfw_accuracy'])} | "
                 f"{100 * p['lfw_accuracy_drop']:+.2f} pt | {percent(p['tar_at_far_1e-03'])} | {p['flips']} "
                 f"({percent(p['flip_rate'])}) | {_fmt(p['threshold'])} | {gates} |"
@@ -112,7 +123,7 @@ def render_markdown(report: dict[str, Any], figures: dict[str, str] | None = Non
         "",
         "## Host latency per face (batch 1, ms: median / p90)",
         "",
-        f"{report['latency_settings']['runs']} timed runs after {report['latency_settings']['warmup']} warm-up runs, "
+        f"{report.latency_settings.runs} timed runs after {report.latency_settings.warmup} warm-up runs, "
         "each artifact in its own runtime on this host; peers are the same fp32 deployed graph in PyTorch eager "
         "and ONNX Runtime. Phones are measured by `mobile_harness`.",
         "",
@@ -120,23 +131,24 @@ def render_markdown(report: dict[str, Any], figures: dict[str, str] | None = Non
         "|---|" + "---|" * len(thread_keys),
     ]
     for a in artifacts:
-        if a["latency_ms"]:
-            cells = " | ".join(_latency_cell(a["latency_ms"], k) for k in thread_keys)
-            lines.append(f"| `{a['file']}` | {cells} |")
+        if a.latency_ms:
+            cells = " | ".join(_latency_cell(a.latency_ms, k) for k in thread_keys)
+            lines.append(f"| `{a.file}` | {cells} |")
         else:
-            note = "not timed: emulated on this host" if a["verified_by"] else "not run on this host"
-            lines.append(f"| `{a['file']}` | " + " | ".join(note for _ in thread_keys) + " |")
-    for name, rows in report["peers"].items():
+            note = "not timed: emulated on this host" if a.verified_by else "not run on this host"
+            lines.append(f"| `{a.file}` | " + " | ".join(note for _ in thread_keys) + " |")
+    for name, rows in report.peers.items():
         lines.append(f"| {name.replace('_', ' ')} | " + " | ".join(_latency_cell(rows, k) for k in thread_keys) + " |")
-    split = [a for a in artifacts if a["details"].get("xnnpack_partitions", 1) > 1]
+    split = [a for a in artifacts if (a.details or {}).get("xnnpack_partitions", 1) > 1]
     if split:
-        lines += ["", *(f"`{a['file']}` runs in {a['details']['xnnpack_partitions']} XNNPACK partitions, not one: "
+        lines += ["", *(f"`{a.file}` runs in {a.details['xnnpack_partitions']} XNNPACK partitions, not one: "
                         "the ops between them run on LiteRT's built-in kernels, which slows it down." for a in split)]
-    lines += _detector_lines(report.get("pipeline", {}).get("detector"))
-    lines += _normaliser_lines(report.get("pipeline", {}).get("normaliser"))
-    lines += _end_to_end_lines(report.get("pipeline", {}).get("end_to_end"))
+    pipeline = report.pipeline or {}
+    lines += _detector_lines(pipeline.get("detector"))
+    lines += _normaliser_lines(pipeline.get("normaliser"))
+    lines += _end_to_end_lines(pipeline.get("end_to_end"))
     lines += ["", "## Build stages", "", "| stage | subject | seconds |", "|---|---|---|"]
-    lines += [f"| {r['stage']} | {r['subject']} | {r['seconds']} |" for r in report["stages"]]
+    lines += [f"| {r.stage} | {r.subject} | {r.seconds} |" for r in report.stages]
     return "\n".join(lines) + "\n"
 
 
@@ -153,9 +165,9 @@ _COREML_ADVICE = {
 }
 
 
-def _coreml_app_lines(artifacts: list[dict[str, Any]]) -> list[str]:
+def _coreml_app_lines(artifacts: list[Artifact]) -> list[str]:
     """What an app developer needs for each Core ML artifact: OS, I/O as Xcode shows it, compute units."""
-    coreml = [a for a in artifacts if a["format"] == "coreml"]
+    coreml = [a for a in artifacts if a.format == "coreml"]
     if not coreml:
         return []
     lines = [
@@ -166,37 +178,46 @@ def _coreml_app_lines(artifacts: list[dict[str, Any]]) -> list[str]:
         "| artifact | minimum OS | input | output | compute units |", "|---|---|---|---|---|",
     ]
     for a in coreml:
-        io, os_version = a["io"], str(a["details"].get("deployment_target", "—"))
+        io, os_version = a.io, str((a.details or {}).get("deployment_target", "—"))
         lines.append(
-            f"| `{a['file']}` | {os_version.replace('iOS', 'iOS ')} / macOS {_macos_for(os_version)} | "
-            f"`{io['input']['name']}`: MLMultiArray Float32 {io['input']['shape']} | "
-            f"`{io['output']['name']}`: MLMultiArray Float32 {io['output']['shape']} | "
-            f"{_COREML_ADVICE.get(a['precision'], '`.all`')} |"
+            f"| `{a.file}` | {os_version.replace('iOS', 'iOS ')} / macOS {_macos_for(os_version)} | "
+            f"`{io.input.name}`: MLMultiArray Float32 {io.input.shape} | "
+            f"`{io.output.name}`: MLMultiArray Float32 {io.output.shape} | "
+            f"{_COREML_ADVICE.get(a.precision, '`.all`')} |"
         )
-    example = coreml[0]["io"]
+    example = coreml[0].io
     lines += [
         "", "```swift",
         "let config = MLModelConfiguration()",
         "config.computeUnits = .all",
         "let model = try MLModel(contentsOf: compiledModelURL, configuration: config)  // Xcode compiles the package",
-        f"let input = try MLMultiArray(shape: {example['input']['shape']}, dataType: .float32)  "
+        f"let input = try MLMultiArray(shape: {example.input.shape}, dataType: .float32)  "
         "// R plane, then G, then B; values 0-255",
         f"let output = try model.prediction(from: MLDictionaryFeatureProvider(dictionary: "
-        f"[\"{example['input']['name']}\": input]))",
-        f"let embedding = output.featureValue(for: \"{example['output']['name']}\")!.multiArrayValue!  "
+        f"[\"{example.input.name}\": input]))",
+        f"let embedding = output.featureValue(for: \"{example.output.name}\")!.multiArrayValue!  "
         "// dot product = cosine",
         "```",
     ]
     return lines
 
 
-def _gates_cell(gates: list[dict[str, Any]]) -> str:
-    return ", ".join(("pass" if g["passed"] else "**FAIL**") + f" {g['name']}" for g in gates) or "none"
+def _gates_cell(gates: list[Gate]) -> str:
+    return ", ".join(("pass" if g.passed else "**FAIL**") + f" {g.name}" for g in gates) or "none"
 
 
-def _stage_latency_cell(artifact: dict[str, Any]) -> str:
+def _stage_latency_cell(artifact: Artifact) -> str:
     """A pipeline stage artifact's 1-thread host latency, or "emulated" where it is not timed on this host."""
-    return _latency_cell(artifact["latency_ms"], "1_thread") if artifact["latency_ms"] else "emulated"
+    return _latency_cell(artifact.latency_ms, "1_thread") if artifact.latency_ms else "emulated"
+
+
+def _stage_artifacts(section: dict[str, Any]) -> list[Artifact]:
+    """A pipeline stage's artifacts (the stage section keeps its own shape; its artifacts are the common type)."""
+    return [from_data(Artifact, a, f"pipeline artifact {a.get('file')}") for a in section["artifacts"]]
+
+
+def _pytorch_latency(section: dict[str, Any]) -> str:
+    return _latency_cell(from_data(dict[str, LatencyStats], section["pytorch_latency_ms"]), "1_thread")
 
 
 def _detector_lines(detector: dict[str, Any] | None) -> list[str]:
@@ -230,17 +251,17 @@ def _detector_lines(detector: dict[str, Any] | None) -> list[str]:
         "| landmark error mean / max | map cosine | 1-thread latency | gates |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for a in detector["artifacts"]:
-        p, t = a["parity"], a["teacher"]
-        gates, latency = _gates_cell(a["gates"]), _stage_latency_cell(a)
+    for a in _stage_artifacts(detector):
+        p, t = a.parity, a.teacher
+        gates, latency = _gates_cell(a.gates), _stage_latency_cell(a)
         lines.append(
-            f"| `{a['file']}` | {a['bytes'] / 1e6:.2f} MB | {a['verified_by']} | {percent(t['recall'])} | "
+            f"| `{a.file}` | {a.bytes / 1e6:.2f} MB | {a.verified_by} | {percent(t['recall'])} | "
             f"{percent(p['agreement'])} of {p['reference_detections']} (+{p['extra_detections']}) | "
             f"{_fmt(p['box_iou_mean'], 4)} / {_fmt(p['box_iou_min'], 4)} | {_fmt(p['landmark_error_mean'], 4)} / "
             f"{_fmt(p['landmark_error_max'], 4)} | {_fmt(p['map_cosine_mean'], 5)} | {latency} | {gates} |"
         )
     lines.append(f"| PyTorch eager fp32 | — | — | {percent(ref['recall'])} | — | — | — | — | "
-                 f"{_latency_cell(detector['pytorch_latency_ms'], '1_thread')} | — |")
+                 f"{_pytorch_latency(detector)} | — |")
     return lines
 
 
@@ -280,15 +301,15 @@ def _normaliser_lines(normaliser: dict[str, Any] | None) -> list[str]:
         "| 1-thread latency | gates |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for a in normaliser["artifacts"]:
-        p = a["parity"]
-        gates, latency = _gates_cell(a["gates"]), _stage_latency_cell(a)
+    for a in _stage_artifacts(normaliser):
+        p = a.parity
+        gates, latency = _gates_cell(a.gates), _stage_latency_cell(a)
         lines.append(
-            f"| `{a['file']}` | {a['bytes'] / 1e6:.2f} MB | {a['verified_by']} | {_fmt(p['pixel_error_mean'], 3)} / "
+            f"| `{a.file}` | {a.bytes / 1e6:.2f} MB | {a.verified_by} | {_fmt(p['pixel_error_mean'], 3)} / "
             f"{_fmt(p['pixel_error_max'], 1)} | {_fmt(p['psnr_db'], 1)} dB | {_fmt(p['embedding_cosine_mean'], 5)} / "
             f"{_fmt(p['embedding_cosine_min'], 5)} | {latency} | {gates} |")
     lines.append(f"| PyTorch eager fp32 | — | — | — | — | — | "
-                 f"{_latency_cell(normaliser['pytorch_latency_ms'], '1_thread')} | — |")
+                 f"{_pytorch_latency(normaliser)} | — |")
     return lines
 
 
@@ -318,30 +339,30 @@ def _end_to_end_lines(section: dict[str, Any] | None) -> list[str]:
     return lines
 
 
-def render_weights_lines(model: dict[str, Any]) -> list[str]:
+def render_weights_lines(model: ModelInfo) -> list[str]:
     """Which weights were built: the trained file's sha256, or where imported pretrained weights came from."""
-    imported = model.get("imported")
+    imported = model.imported
     if imported is None:
-        return [f"- Weights sha256: `{model['weights_sha256']}`."]
-    files = ", ".join(f"`{name}` sha256 `{digest}`" for name, digest in imported["files"].items())
-    return [f"- Weights: imported with the architecture from {imported['source']} ({imported['licence']} licence), "
+        return [f"- Weights sha256: `{model.weights_sha256}`."]
+    files = ", ".join(f"`{name}` sha256 `{digest}`" for name, digest in imported.files.items())
+    return [f"- Weights: imported with the architecture from {imported.source} ({imported.licence} licence), "
             f"converted from the source files at build time (not stored here): {files}.",
-            f"- Training data: {imported['training_data']}. Not trained here; the LFW numbers below may be "
+            f"- Training data: {imported.training_data}. Not trained here; the LFW numbers below may be "
             "flattered by identities the network saw in training."]
 
 
-def _held_out_note(model: dict[str, Any]) -> str:
-    if model.get("imported") is not None:
+def _held_out_note(model: ModelInfo) -> str:
+    if model.imported is not None:
         return ("identities absent from the calibration faces; the imported weights' own training data is not "
                 "held out by this factory")
     return "identities absent from training and calibration"
 
 
-def _normalisation(model: dict[str, Any]) -> str:
-    imported = model.get("imported")
-    if imported is not None and imported["input_normalisation"]:
-        return imported["input_normalisation"]
-    return f"(pixel - {model['input']['mean']}) / {model['input']['std']}"
+def _normalisation(model: ModelInfo) -> str:
+    imported = model.imported
+    if imported is not None and imported.input_normalisation:
+        return imported.input_normalisation
+    return f"(pixel - {model.input.mean}) / {model.input.std}"
 
 
 def _training_lines(training: dict[str, Any] | None) -> list[str]:
@@ -385,37 +406,37 @@ def _distillation_lines(distill: dict[str, Any] | None, teachers: dict[str, Any]
     return lines
 
 
-def _ablation_lines(report: dict[str, Any]) -> list[str]:
+def _ablation_lines(report: BuildReport) -> list[str]:
     """The training ablation: the built weights and the recipe's `ablation` weights on the same pairs."""
     from factory.ablation import training_row
 
-    rows = report.get("ablation") or []
+    rows = report.ablation or []
     if not rows:
         return []
-    built = {"label": "**built**", "weights": report["model"].get("weights_file", ""),
-             "sha256": report["model"]["weights_sha256"], **training_row(report["model"].get("training")),
-             "lfw_accuracy": report["reference"]["lfw_accuracy"],
-             "lfw_accuracy_std": report["reference"]["lfw_accuracy_std"],
-             "tar_at_far_1e-03": report["reference"]["tar_at_far_1e-03"]}
-    ev = report["evaluation"]
+    built = from_data(AblationRow, {
+        "label": "**built**", "weights": report.model.weights_file or "", "sha256": report.model.weights_sha256,
+        **training_row(report.model.training), "lfw_accuracy": report.reference.lfw_accuracy,
+        "lfw_accuracy_std": report.reference.lfw_accuracy_std,
+        "tar_at_far_1e-03": report.reference.tar_at_far_1e_03})
     lines = ["", "## Training ablation", "",
-             f"The same architecture trained other ways, each scored by this build on the same {ev['pairs']} "
+             f"The same architecture trained other ways, each scored by this build on the same "
+             f"{report.evaluation.pairs} "
              "pairs (fp32 PyTorch reference); how each was trained is read from its weights file's training "
              "metadata.",
              "", "| run | weights (sha256) | teachers | teacher outputs | augmentation | started from | epochs "
              "| training | LFW acc. | TAR@FAR=1e-3 | LFW-identity-free |", "|---" * 11 + "|"]
-    labels = {row["sha256"]: row["label"] for row in (*rows, built)}
+    labels = {row.sha256: row.label for row in (*rows, built)}
     for row in (*rows, built):
-        teachers = ", ".join(row["teachers"]) or "none (labels only)"
-        start = row["started_from"] or "random"
-        if row.get("started_from_sha256"):  # name the run it continued, else the file and its sha256
-            start = labels.get(row["started_from_sha256"], f"`{start}` ({row['started_from_sha256'][:12]}…)")
-        time = f"{row['train_minutes']:.0f} min, {row['device']}" if row.get("train_minutes") else "—"
-        lines.append(f"| {row['label']} | `{Path(row['weights']).name}` ({row['sha256'][:12]}…) | {teachers} | "
-                     f"{row['teacher_outputs'] or '—'} | {row['augmentation']} | "
-                     f"{start} | {row['epochs'] or '—'} | {time} | "
-                     f"{percent(row['lfw_accuracy'])} ± {percent(row['lfw_accuracy_std'])} | "
-                     f"{percent(row['tar_at_far_1e-03'])} | {'yes' if row['lfw_identity_free'] else 'no'} |")
+        teachers = ", ".join(row.teachers) or "none (labels only)"
+        start = row.started_from or "random"
+        if row.started_from_sha256:  # name the run it continued, else the file and its sha256
+            start = labels.get(row.started_from_sha256, f"`{start}` ({row.started_from_sha256[:12]}…)")
+        time = f"{row.train_minutes:.0f} min, {row.device}" if row.train_minutes else "—"
+        lines.append(f"| {row.label} | `{Path(row.weights).name}` ({row.sha256[:12]}…) | {teachers} | "
+                     f"{row.teacher_outputs or '—'} | {row.augmentation} | "
+                     f"{start} | {row.epochs or '—'} | {time} | "
+                     f"{percent(row.lfw_accuracy)} ± {percent(row.lfw_accuracy_std)} | "
+                     f"{percent(row.tar_at_far_1e_03)} | {'yes' if row.lfw_identity_free else 'no'} |")
     return lines
 
 
@@ -423,26 +444,25 @@ def _macos_for(ios: str) -> str:
     return {"iOS16": "13", "iOS17": "14", "iOS18": "15"}.get(ios, "—")
 
 
-def _benchmark_lines(report: dict[str, Any]) -> list[str]:
+def _benchmark_lines(report: BuildReport) -> list[str]:
     """A table of further benchmarks: reference accuracy, then each artifact's accuracy, drop and flips."""
-    benchmarks = report.get("benchmarks") or []
+    benchmarks = report.benchmarks
     if not benchmarks:
         return []
     lines = ["", "## Further benchmarks (not gated)", ""]
     for bench in benchmarks:
-        ref = bench["reference"]
-        lines.append(f"- **{bench['name']}**: {bench['pairs']} pairs over {bench['images']} images of "
-                     f"`{bench['pairs_file']}`. {bench['note']}".rstrip())
-    verified = [a for a in report["artifacts"] if a.get("benchmarks")]
-    lines += ["", "| benchmark | reference | " + " | ".join(f"`{a['file']}`" for a in verified) + " |",
+        lines.append(f"- **{bench.name}**: {bench.pairs} pairs over {bench.images} images of "
+                     f"`{bench.pairs_file}`. {bench.note}".rstrip())
+    verified = [a for a in report.artifacts if a.benchmarks]
+    lines += ["", "| benchmark | reference | " + " | ".join(f"`{a.file}`" for a in verified) + " |",
               "|---|---|" + "---|" * len(verified)]
     for bench in benchmarks:
-        ref = bench["reference"]
+        ref = bench.reference
         cells = []
         for a in verified:
-            b = a["benchmarks"][bench["name"]]
-            cells.append(f"{percent(b['accuracy'])} ({100 * b['accuracy_drop']:+.2f} pt, {b['flips']} flips)")
-        lines.append(f"| {bench['name']} | {percent(ref['accuracy'])} ± {percent(ref['accuracy_std'])} | "
+            b = a.benchmarks[bench.name]
+            cells.append(f"{percent(b.accuracy)} ({100 * b.accuracy_drop:+.2f} pt, {b.flips} flips)")
+        lines.append(f"| {bench.name} | {percent(ref.accuracy)} ± {percent(ref.accuracy_std)} | "
                      + " | ".join(cells) + " |")
     return lines
 
@@ -461,18 +481,18 @@ def render_html(markdown_text: str, out: Path, figures: dict[str, str]) -> str:
     return f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>{body}</body></html>\n"
 
 
-def write_reports(out: Path, report: dict[str, Any], figures: dict[str, str] | None = None) -> None:
+def write_reports(out: Path, report: BuildReport, figures: dict[str, str] | None = None) -> None:
     """Write report.json, report.md and report.html (figures already in `out`) atomically."""
     figures = figures or {}
     text = render_markdown(report, figures)
-    write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out / "report.json", json.dumps(to_data(report), indent=2) + "\n")
     write_text_atomic(out / "report.md", text)
     write_text_atomic(out / "report.html", render_html(text, out, figures))
 
 
-def _observer_note(evaluation: dict[str, Any]) -> str:
+def _observer_note(evaluation: EvaluationInfo) -> str:
     """How int8 activation ranges were chosen, where the recipe replaced each target's own observer."""
     from factory.observers import DESCRIPTIONS
 
-    observer = evaluation.get("calibration_observer", "default")
+    observer = evaluation.calibration_observer
     return f" ({DESCRIPTIONS[observer]}, for every int8 target)" if observer in DESCRIPTIONS else ""
