@@ -332,8 +332,10 @@ def score_detector(run: Callable[[np.ndarray], np.ndarray], photos: Sequence[Pho
 class DeployedDetector(nn.Module):
     """What detector artifacts compute: (pixels - 127.5) / 128 in, the output map with channel 0 as a probability.
 
-    The sigmoid also keeps int8 artifacts' output float32: a converter folds a quantised graph's last
-    dequantise into an int8 output when no float op follows it.
+    Every artifact's output is float32, int8 ones too, so that apps need no quantisation maths. LiteRT's converter
+    runs the sigmoid and the concatenation in int8 after a quantised network (it has int8 kernels for both) and then
+    leaves the graph's output int8 (measured: `real = 0.018 * (q - 127)`); the two scalings at the end are by
+    powers of two, so they change no float value, and keep the output float32 (tests/test_pipeline.py checks it).
     """
 
     def __init__(self, network: nn.Module) -> None:
@@ -342,7 +344,7 @@ class DeployedDetector(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         out = self.network(normalise(pixels))
-        return torch.cat([torch.sigmoid(out[:, :1]), out[:, 1:]], dim=1)
+        return torch.cat([torch.sigmoid(out[:, :1]), out[:, 1:]], dim=1) * 2.0 * 0.5
 
 
 def normalise(pixels: torch.Tensor) -> torch.Tensor:

@@ -63,6 +63,7 @@ def test_build_writes_seven_verified_artifacts_and_a_manifest(tmp_path: Path, fa
     for entry in manifest["artifacts"]:
         assert sha256_of(out / entry["file"]) == entry["sha256"]
         assert entry["io"]["input"]["dtype"].startswith("float32")
+        assert entry["io"]["output"]["dtype"].startswith("float32"), entry["io"]
     assert manifest["resolved_recipe"]["model"]["architecture"] == "mobilefacenet"
     assert manifest["tools"]["executorch"] == "1.5.1"
     golden = load_golden(out, manifest)

@@ -70,6 +70,9 @@ def test_detector_artifacts_reproduce_pytorch_detections(tmp_path: Path, detecto
         assert parity["map_cosine_mean"] > 0.97, (name, parity)
         assert parity["agreement"] >= 0.8 and parity["box_iou_mean"] > 0.85, (name, parity)
     assert rows["tflite int8"]["bytes"] < 0.6 * rows["tflite fp32"]["bytes"]
+    # int8 artifacts keep float32 input and output, like the recogniser's: apps need no quantisation maths.
+    assert {(a["io"]["input"]["dtype"], a["io"]["output"]["dtype"]) for a in section["artifacts"]} == {
+        ("float32", "float32")}, [a["io"] for a in section["artifacts"]]
     assert all(a["latency_ms"]["1_thread"]["median_ms"] > 0 for a in section["artifacts"])
     # The model card's detector section: one row per artifact plus PyTorch, with its gates.
     card = "\n".join(_detector_lines(section))
