@@ -31,6 +31,7 @@ from factory.latency import all_threads, latency_rows
 from factory.metrics import cosine_rows, cosine_summary, flip_rate
 from factory.models import load_backbone, model_entry, weights_provenance
 from factory.peers import onnx_runtime_call, onnx_workdir, torch_eager_call
+from factory.pipelines import PipelineInputs, PipelineOutput, pipeline_kind
 from factory.plots import plot_cosine_histograms, plot_roc
 from factory.profile import count_macs, count_parameters
 from factory.recipe import MIN_CALIBRATION_FACES, Recipe, data_path
@@ -224,29 +225,15 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
                 recipe.latency.warmup, recipe.latency.runs),
         }
 
-    pipeline: dict[str, Any] = {}
+    pipeline: PipelineOutput | None = None
     if recipe.pipeline is not None:
-        from factory.detection import load_photos
-        from factory.pipeline import build_detector, build_normaliser, end_to_end_rows
-
-        with log.stage(Stage.LOAD, "raw photos and their MTCNN (teacher) faces"):
-            photos = load_photos(recipe, log=lambda _line: None)
-        pipeline["detector"], detectors = build_detector(recipe, out, log, printer, photos)
         recognisers = {f"{r.format} {r.precision}": (lambda r=r: r.target.load_runner(r.path, all_threads()),
                                                      r.input_layout) for r in results}
-        normalisers, normalised_threshold = None, None
-        if recipe.pipeline.normaliser is not None:
-            pipeline["normaliser"], normalisers = build_normaliser(recipe, out, log, printer, evaluation,
-                                                                   calibration, reference_model)
-            normalised_threshold = pipeline["normaliser"]["identity"]["threshold_with"]
-        pipeline["end_to_end"] = end_to_end_rows(recipe, log, photos, detectors, recognisers, reference_model,
-                                                 ref_verification["threshold"], normalisers, normalised_threshold)
-        for row in pipeline["end_to_end"]["rows"]:
-            label = f"{row['runtime']}{', normalised' if row.get('normalised') else ''}"
-            printer(f"  end to end, {label} on {row['photos_set']} photos: found {row['found_rate']:.3f}, "
-                    f"cosine to the reference crop {row['cosine_mean']:.4f}, same person {row['same_person_rate']:.3f}")
+        pipeline = pipeline_kind(recipe.pipeline.kind).build(PipelineInputs(
+            recipe, out, log, printer, evaluation, calibration, reference_model, ref_verification["threshold"],
+            recognisers))
 
-    stage_artifacts = [a for stage in ("detector", "normaliser") for a in pipeline.get(stage, {}).get("artifacts", [])]
+    stage_artifacts = pipeline.artifacts if pipeline is not None else []
     all_gates = [g for a in artifacts + stage_artifacts for row in (a, *a["other_runtimes"]) for g in row["gates"]]
     verdict = "pass" if artifacts and all(g["passed"] for g in all_gates) else "fail"
     entry_info = model_entry(recipe.model.architecture)
@@ -291,7 +278,7 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
         "latency_settings": {"batch": 1, "warmup": recipe.latency.warmup, "runs": recipe.latency.runs},
         "peers": peers,
         "artifacts": artifacts,
-        **({"pipeline": pipeline} if pipeline else {}),
+        **({"pipeline": pipeline.section} if pipeline is not None else {}),
         **({"ablation": ablation} if ablation else {}),
         "stages": log.records,
     }

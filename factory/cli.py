@@ -46,6 +46,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _recipe_lines(recipes_dir: Path, reports_dir: Path) -> list[str]:
     """One line per recipe: its model, whether its weights exist, LFW fp32 and int8, teacher, the paper's LFW."""
     from factory.models import model_entry
+    from factory.pipelines import pipeline_kind
     from factory.recipe import load_recipe
     from factory.report_schema import read_report
     from factory.results import int8_accuracy_range, teachers_of
@@ -60,10 +61,9 @@ def _recipe_lines(recipes_dir: Path, reports_dir: Path) -> list[str]:
         entry = model_entry(recipe.model.architecture)
         paper = entry.paper_numbers.get("lfw_accuracy")
         files = [recipe.weights.path] if recipe.weights is not None else []
-        if recipe.pipeline is not None:
-            files.append(recipe.pipeline.detector.weights.path)
-            if recipe.pipeline.normaliser is not None:
-                files.append(recipe.pipeline.normaliser.weights.path)
+        kind = pipeline_kind(recipe.pipeline.kind) if recipe.pipeline is not None else None
+        if kind is not None:
+            files += [weights.path for weights in kind.weights(recipe.pipeline)]
         present = all(recipe.resolve(f).is_file() for f in files)  # an imported model's files: checked by load
         weights = ("imported" if entry.imported is not None else "weights ok") if present else "NO WEIGHTS"
         report = reports_dir / recipe.name / "report.json"
@@ -75,13 +75,8 @@ def _recipe_lines(recipes_dir: Path, reports_dir: Path) -> list[str]:
             if int8 is not None:
                 low, high = int8
                 measured += f"; int8 {100 * low:.2f}%" + (f"-{100 * high:.2f}%" if high > low else "")
-            detector = (built.pipeline or {}).get("detector")
-            if detector:
-                measured += f"; detector recall {100 * detector['reference']['recall']:.1f}% of MTCNN's faces"
-            normaliser = (built.pipeline or {}).get("normaliser")
-            if normaliser:
-                measured += (f"; normaliser: identity cosine {normaliser['identity']['identity_cosine_mean']:.3f}, "
-                             f"LFW {100 * normaliser['identity']['accuracy_with']:.2f}% normalised")
+            if built.pipeline is not None and "kind" in built.pipeline:
+                measured += f"; {pipeline_kind(built.pipeline['kind']).summary(built.pipeline)}"
             teacher = teachers_of(built)[0]
         else:
             measured, teacher = "not built", "—"
@@ -122,6 +117,23 @@ def _list(args: argparse.Namespace) -> int:
 HELD_OUT_PAIRS = 1200
 
 
+def _train_pipeline_stage(args: argparse.Namespace, recipe: Recipe) -> int:
+    """`train --stage NAME`: a stage of the recipe's pipeline kind (`factory.pipelines`)."""
+    from factory.pipelines import pipeline_kind
+
+    kind = pipeline_kind(recipe.pipeline.kind) if recipe.pipeline is not None else None
+    stage = kind.stages.get(args.stage) if kind is not None else None
+    weights = stage.weights(recipe.pipeline) if stage is not None else None
+    if weights is None:
+        offered = ", ".join(["recogniser", *(s for s in kind.stages if kind.stages[s].weights(recipe.pipeline))]
+                            if kind is not None else ["recogniser"])
+        raise FactoryError(f"{args.recipe} has no pipeline stage {args.stage!r} to train; its stages: {offered}")
+    output = Path(args.output) if args.output else recipe.resolve(weights.path)
+    summary = stage.train(recipe, output)
+    print(f"{args.stage} weights written to {output} ({summary['wall_time_s'] / 60:.1f} min on {summary['device']})")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     import torch
 
@@ -132,27 +144,8 @@ def _train(args: argparse.Namespace) -> int:
     recipe = _load_recipe(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.stage == "detector":
-        from factory.detection import train_detector_stage
-
-        if recipe.pipeline is None:
-            raise FactoryError(f"{args.recipe} has no 'pipeline.detector' section; only pipeline recipes "
-                               "(e.g. recipes/lefv.yaml) have a detector to train")
-        output = Path(args.output) if args.output else recipe.resolve(recipe.pipeline.detector.weights.path)
-        summary = train_detector_stage(recipe, output)
-        print(f"detector weights written to {output} ({summary['wall_time_s'] / 60:.1f} min on {summary['device']})")
-        return 0
-    if args.stage == "normaliser":
-        from factory.normalisation import train_normaliser_stage
-
-        if recipe.pipeline is None or recipe.pipeline.normaliser is None:
-            raise FactoryError(f"{args.recipe} has no 'pipeline.normaliser' section; only pipeline recipes "
-                               "(e.g. recipes/lefv.yaml) have a normaliser to train")
-        output = Path(args.output) if args.output else recipe.resolve(recipe.pipeline.normaliser.weights.path)
-        summary = train_normaliser_stage(recipe, output)
-        print(f"normaliser weights written to {output} ({summary['wall_time_s'] / 60:.1f} min on "
-              f"{summary['device']})")
-        return 0
+    if args.stage != "recogniser":
+        return _train_pipeline_stage(args, recipe)
     if recipe.weights is None:
         raise FactoryError(f"{args.recipe}: {recipe.model.architecture} is imported with its pretrained weights, so "
                            "there is nothing to train; build it with `python -m factory build`")
@@ -351,8 +344,9 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", help="weights file (default: weights.path of the recipe)")
     train.add_argument("--threads", type=int, help="CPU threads for training")
     train.add_argument("--data-root", help="use this face folder instead of data.root")
-    train.add_argument("--stage", default="recogniser", choices=("recogniser", "detector", "normaliser"),
-                       help="which model of a pipeline recipe to train (default: the recogniser, `model`)")
+    train.add_argument("--stage", default="recogniser",
+                       help="which model to train: the recogniser (`model`, the default) or a stage of the recipe's "
+                            "pipeline (e.g. detector)")
     train.set_defaults(handler=_train)
 
     curve = commands.add_parser("curve", help="held-out accuracy against training identities and epochs")

@@ -2,7 +2,7 @@
 
 A gate is a recipe key `<metric>_min` (the metric must be at least the threshold) or `<metric>_max` (at most);
 an unset (None) threshold is no gate. The same keys gate the recogniser (`GateConfig`), the pipeline stages
-(`DetectorGateConfig`, `NormaliserGateConfig`) and the phone (`mobile_harness`, which reads them from the
+(each pipeline kind's gate configs, `factory.pipelines`) and the phone (`mobile_harness`, which reads them from the
 manifest's resolved recipe), so every place that checks a gate calls `evaluate` here. This module imports
 nothing heavy: the harness runs it on a lab machine without the factory's toolchain.
 """

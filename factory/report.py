@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from factory.errors import FactoryError
 from factory.io import write_text_atomic
+from factory.pipelines import pipeline_kind
 from factory.report_schema import (
     AblationRow,
     Artifact,
@@ -21,7 +23,7 @@ from factory.report_schema import (
 )
 
 
-def _fmt(value: float | None, digits: int = 4) -> str:
+def fmt(value: float | None, digits: int = 4) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
@@ -29,7 +31,7 @@ def percent(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.2f}%"
 
 
-def _latency_cell(rows: dict[str, LatencyStats] | None, key: str) -> str:
+def latency_cell(rows: dict[str, LatencyStats] | None, key: str) -> str:
     if not rows or key not in rows:
         return "—"
     return f"{rows[key].median_ms:.2f} / {rows[key].p90_ms:.2f}"
@@ -66,7 +68,7 @@ def render_markdown(report: BuildReport, figures: dict[str, str] | None = None) 
         f"Normalisation `{_normalisation(model)}` runs inside the model; "
         "the layout per artifact is in the table below.",
         "- Output: float32 embedding, L2-normalised: the dot product of two embeddings is their cosine "
-        f"similarity. Same person when the similarity exceeds the threshold (reference: {_fmt(ref.threshold)}).",
+        f"similarity. Same person when the similarity exceeds the threshold (reference: {fmt(ref.threshold)}).",
         "- int8 artifacts keep float32 inputs and outputs: apps need no quantisation maths.",
         "",
         "| artifact | format | precision | input (layout, shape) | output | quantisation |",
@@ -107,12 +109,12 @@ def render_markdown(report: BuildReport, figures: dict[str, str] | None = None) 
                  f"{percent(subset.reference_accuracy)})")
         for row in (a, *(a.other_runtimes or [])):  # other runtimes: e.g. Core ML's GPU and Neural Engine on macOS
             p = row.parity
-            gates = _gates_cell(row.gates)
+            gates = gates_cell(row.gates)
             lines.append(
-                f"| `{a.file}` | {size} | {row.verified_by}{scope} | {_fmt(p['cosine_mean'], 5)} / "
-                f"{_fmt(p['cosine_min'], 5)} / {_fmt(p['cosine_p1'], 5)} | {percent(p['lfw_accuracy'])} | "
+                f"| `{a.file}` | {size} | {row.verified_by}{scope} | {fmt(p['cosine_mean'], 5)} / "
+                f"{fmt(p['cosine_min'], 5)} / {fmt(p['cosine_p1'], 5)} | {percent(p['lfw_accuracy'])} | "
                 f"{100 * p['lfw_accuracy_drop']:+.2f} pt | {percent(p['tar_at_far_1e-03'])} | {p['flips']} "
-                f"({percent(p['flip_rate'])}) | {_fmt(p['threshold'])} | {gates} |"
+                f"({percent(p['flip_rate'])}) | {fmt(p['threshold'])} | {gates} |"
             )
     for caption, file in (figures or {}).items():
         lines += ["", f"![{caption}]({file})"]
@@ -132,21 +134,22 @@ def render_markdown(report: BuildReport, figures: dict[str, str] | None = None) 
     ]
     for a in artifacts:
         if a.latency_ms:
-            cells = " | ".join(_latency_cell(a.latency_ms, k) for k in thread_keys)
+            cells = " | ".join(latency_cell(a.latency_ms, k) for k in thread_keys)
             lines.append(f"| `{a.file}` | {cells} |")
         else:
             note = "not timed: emulated on this host" if a.verified_by else "not run on this host"
             lines.append(f"| `{a.file}` | " + " | ".join(note for _ in thread_keys) + " |")
     for name, rows in report.peers.items():
-        lines.append(f"| {name.replace('_', ' ')} | " + " | ".join(_latency_cell(rows, k) for k in thread_keys) + " |")
+        lines.append(f"| {name.replace('_', ' ')} | " + " | ".join(latency_cell(rows, k) for k in thread_keys) + " |")
     split = [a for a in artifacts if (a.details or {}).get("xnnpack_partitions", 1) > 1]
     if split:
         lines += ["", *(f"`{a.file}` runs in {a.details['xnnpack_partitions']} XNNPACK partitions, not one: "
                         "the ops between them run on LiteRT's built-in kernels, which slows it down." for a in split)]
-    pipeline = report.pipeline or {}
-    lines += _detector_lines(pipeline.get("detector"))
-    lines += _normaliser_lines(pipeline.get("normaliser"))
-    lines += _end_to_end_lines(pipeline.get("end_to_end"))
+    if report.pipeline is not None:
+        if "kind" not in report.pipeline:
+            raise FactoryError(f"report of {report.recipe}: its pipeline section names no kind (written before "
+                               "pipeline kinds existed); rebuild the recipe")
+        lines += pipeline_kind(report.pipeline["kind"]).card_lines(report.pipeline)
     lines += ["", "## Build stages", "", "| stage | subject | seconds |", "|---|---|---|"]
     lines += [f"| {r.stage} | {r.subject} | {r.seconds} |" for r in report.stages]
     return "\n".join(lines) + "\n"
@@ -202,141 +205,8 @@ def _coreml_app_lines(artifacts: list[Artifact]) -> list[str]:
     return lines
 
 
-def _gates_cell(gates: list[Gate]) -> str:
+def gates_cell(gates: list[Gate]) -> str:
     return ", ".join(("pass" if g.passed else "**FAIL**") + f" {g.name}" for g in gates) or "none"
-
-
-def _stage_latency_cell(artifact: Artifact) -> str:
-    """A pipeline stage artifact's 1-thread host latency, or "emulated" where it is not timed on this host."""
-    return _latency_cell(artifact.latency_ms, "1_thread") if artifact.latency_ms else "emulated"
-
-
-def _stage_artifacts(section: dict[str, Any]) -> list[Artifact]:
-    """A pipeline stage's artifacts (the stage section keeps its own shape; its artifacts are the common type)."""
-    return [from_data(Artifact, a, f"pipeline artifact {a.get('file')}") for a in section["artifacts"]]
-
-
-def _pytorch_latency(section: dict[str, Any]) -> str:
-    return _latency_cell(from_data(dict[str, LatencyStats], section["pytorch_latency_ms"]), "1_thread")
-
-
-def _detector_lines(detector: dict[str, Any] | None) -> list[str]:
-    """The pipeline's face detector: how it was taught, its recall against MTCNN, each artifact's parity."""
-    if not detector:
-        return []
-    ref, training = detector["reference"], detector.get("training") or {}
-    lines = [
-        "", "## Stage 1: face detector", "",
-        f"- `{detector['architecture']}`: {detector['params'] / 1e6:.3f} M parameters, "
-        f"{detector['macs'] / 1e6:.1f} M multiply-adds at {detector['input']['size']}x{detector['input']['size']}. "
-        f"Input: the photo letterboxed ({detector['input']['letterbox']}), float32 RGB pixels in [0, 255]; "
-        "output: one score, box and 5 landmarks per 16-pixel cell, decoded by `factory.detection.decode`.",
-        f"- Weights sha256 `{detector['weights_sha256']}`.",
-    ]
-    if training:
-        photos = training.get("photos", {})
-        lines.append(f"- Taught by {training.get('teacher')}: {photos.get('train')} raw photos "
-                     f"({photos.get('train_faces')} teacher faces), {training['train_config'].get('steps')} steps, "
-                     f"{training.get('wall_time_s', 0) / 60:.0f} min on {training.get('device')}. "
-                     "There is no WIDER FACE here: MTCNN's detections are the labels, so the numbers below measure "
-                     "agreement with MTCNN, not accuracy against human annotation.")
-    lines += [
-        f"- Against MTCNN on {detector['held_out_photos']} held-out photos (PyTorch fp32): recall "
-        f"**{percent(ref['recall'])}** of {ref['teacher_faces']} faces at IoU >= 0.5 (the shared data's reference "
-        f"face of each photo: {percent(ref['reference_recall'])}), mean IoU {_fmt(ref['iou_mean'], 3)}, landmark "
-        f"error {_fmt(ref['landmark_nme_mean'], 3)} of the inter-ocular distance, "
-        f"{ref['unconfirmed_detections']} detections MTCNN did not make.",
-        "",
-        "| artifact | size | verified by | MTCNN recall | agreement with PyTorch | box IoU mean / min "
-        "| landmark error mean / max | map cosine | 1-thread latency | gates |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for a in _stage_artifacts(detector):
-        p, t = a.parity, a.teacher
-        gates, latency = _gates_cell(a.gates), _stage_latency_cell(a)
-        lines.append(
-            f"| `{a.file}` | {a.bytes / 1e6:.2f} MB | {a.verified_by} | {percent(t['recall'])} | "
-            f"{percent(p['agreement'])} of {p['reference_detections']} (+{p['extra_detections']}) | "
-            f"{_fmt(p['box_iou_mean'], 4)} / {_fmt(p['box_iou_min'], 4)} | {_fmt(p['landmark_error_mean'], 4)} / "
-            f"{_fmt(p['landmark_error_max'], 4)} | {_fmt(p['map_cosine_mean'], 5)} | {latency} | {gates} |"
-        )
-    lines.append(f"| PyTorch eager fp32 | — | — | {percent(ref['recall'])} | — | — | — | — | "
-                 f"{_pytorch_latency(detector)} | — |")
-    return lines
-
-
-def _normaliser_lines(normaliser: dict[str, Any] | None) -> list[str]:
-    """The pipeline's face normaliser: how it was trained, how well it keeps identity, each artifact's parity."""
-    if not normaliser:
-        return []
-    ident, training = normaliser["identity"], normaliser.get("training") or {}
-    lines = [
-        "", "## Stage 2: face normaliser", "",
-        f"- `{normaliser['architecture']}`: {normaliser['params'] / 1e6:.3f} M parameters in the deployed graph "
-        f"(frozen MobileFaceNet encoder layers + a {normaliser['decoder_params'] / 1e6:.3f} M decoder), "
-        f"{normaliser['macs'] / 1e6:.1f} M multiply-adds. Input and output: an aligned face's float32 RGB pixels in "
-        "[0, 255], NCHW.",
-        f"- Weights sha256 `{normaliser['weights_sha256']}`.",
-    ]
-    if training:
-        cfg, faces = training.get("train_config", {}), training.get("faces", {})
-        lines.append(
-            f"- Trained here as a GAN (adversarial x{cfg.get('adversarial_weight')}, identity x"
-            f"{cfg.get('identity_weight')}, pixel x{cfg.get('pixel_weight')}, symmetry x{cfg.get('symmetry_weight')}; "
-            f"`factory.normalisation`): {cfg.get('steps')} steps of {cfg.get('batch_size')} on {faces.get('train')} "
-            f"aligned training faces, the {faces.get('frontal_real')} most frontal (|yaw| <= "
-            f"{_fmt(faces.get('frontal_max_abs_yaw'), 3)}) as the discriminator's real faces; "
-            f"{training.get('wall_time_s', 0) / 60:.0f} min on {training.get('device')}.")
-    lines += [
-        f"- On the {ident['faces']} held-out evaluation faces, scored by this recipe's recogniser (PyTorch; the "
-        f"identity loss used MobileFaceNet): embedding cosine between each face and its normalised version mean "
-        f"**{_fmt(ident['identity_cosine_mean'], 4)}** (median {_fmt(ident['identity_cosine_median'], 4)}, p10 "
-        f"{_fmt(ident['identity_cosine_p10'], 4)}); LFW accuracy **{percent(ident['accuracy_with'])}** with both faces "
-        f"of each pair normalised, {percent(ident['accuracy_without'])} without; mirror asymmetry "
-        f"{_fmt(ident['symmetry_error_before'], 1)} -> {_fmt(ident['symmetry_error_after'], 1)} grey levels.",
-        "",
-        f"Parity on {normaliser['parity_faces']} held-out faces: each artifact's output against PyTorch's.",
-        "",
-        "| artifact | size | verified by | pixel error mean / max | PSNR | embedding cosine mean / min "
-        "| 1-thread latency | gates |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for a in _stage_artifacts(normaliser):
-        p = a.parity
-        gates, latency = _gates_cell(a.gates), _stage_latency_cell(a)
-        lines.append(
-            f"| `{a.file}` | {a.bytes / 1e6:.2f} MB | {a.verified_by} | {_fmt(p['pixel_error_mean'], 3)} / "
-            f"{_fmt(p['pixel_error_max'], 1)} | {_fmt(p['psnr_db'], 1)} dB | {_fmt(p['embedding_cosine_mean'], 5)} / "
-            f"{_fmt(p['embedding_cosine_min'], 5)} | {latency} | {gates} |")
-    lines.append(f"| PyTorch eager fp32 | — | — | — | — | — | "
-                 f"{_pytorch_latency(normaliser)} | — |")
-    return lines
-
-
-def _end_to_end_lines(section: dict[str, Any] | None) -> list[str]:
-    """Raw photo to embedding through the pipeline's stages, per runtime."""
-    if not section:
-        return []
-    lines = [
-        "", "## End to end on raw photos", "",
-        "Each raw photo: detect, take the largest face, align it by the detector's 5 landmarks onto the ArcFace "
-        "template, embed. Compared with the PyTorch recogniser's embedding of the shared data's own aligned crop of "
-        "that face (aligned by MTCNN's landmarks): the cosine, and the share of photos whose pipeline embedding "
-        "verifies as the same person at the recogniser's LFW threshold. Each runtime runs its own detector and "
-        "recogniser artifacts of that precision; host time covers decoding, alignment and the models. Rows marked "
-        "normalised run that runtime's normaliser artifact between alignment and embedding and are compared with "
-        "the PyTorch-normalised reference crop, at the recogniser's LFW threshold on normalised faces.",
-        "",
-        "| runtime | normaliser | photos | face found | cosine mean / median / p10 | same person | host ms per photo |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in section["rows"]:
-        ms = f"{row['host_ms_per_photo_median']:.1f}" if row["host_ms_per_photo_median"] is not None else "—"
-        lines.append(f"| {row['runtime']} | {'yes' if row.get('normalised') else '—'} | {row['photos']} "
-                     f"({row['photos_set']}) | {percent(row['found_rate'])} | "
-                     f"{_fmt(row['cosine_mean'], 4)} / {_fmt(row['cosine_median'], 4)} / {_fmt(row['cosine_p10'], 4)} "
-                     f"| {percent(row['same_person_rate'])} | {ms} |")
-    return lines
 
 
 def render_weights_lines(model: ModelInfo) -> list[str]:

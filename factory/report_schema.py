@@ -6,8 +6,9 @@ as plain JSON data with the same keys. Field metadata: `key` is the JSON key whe
 (`tar_at_far_1e-03`); `omit_none` leaves a None field out (keys that only some builds have).
 
 Parity metrics stay a mapping from metric name to value: the gates (`factory.gates`) name them, and each stage
-kind measures its own (the recogniser's cosines and LFW accuracy, the LEFV detector's detection agreement). The
-LEFV pipeline's own section (`pipeline`) keeps its own shape.
+kind measures its own (the recogniser's cosines and LFW accuracy, a detector's detection agreement). A pipeline
+kind's section (`pipeline`, see `factory.pipelines`) keeps the shape its kind gives it, with the kind's name under
+`kind`; its artifacts are `Artifact`s.
 
 Imports nothing heavy: the device lab and `factory compare` read reports without the toolchain.
 """
@@ -262,7 +263,7 @@ class BuildReport:
     peers: dict[str, dict[str, LatencyStats]]
     artifacts: list[Artifact]
     stages: list[StageRecord]
-    pipeline: dict[str, Any] | None = field(default=None, metadata=OPTIONAL)  # LEFV's detector, normaliser, end to end
+    pipeline: dict[str, Any] | None = field(default=None, metadata=OPTIONAL)  # a pipeline kind's own section
     ablation: list[AblationRow] | None = field(default=None, metadata=OPTIONAL)
 
     @property

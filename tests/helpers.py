@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from factory.detection import Face, Photo, box_iou
+from factory.lefv.detection import Face, Photo, box_iou
 from factory.models.mobilefacenet import Bottleneck, conv_block
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,8 +139,8 @@ def draw_photo(rng: np.random.Generator, height: int = 240, width: int = 320) ->
 
 def ideal_maps(photos: list[Photo], batch: np.ndarray, size: int) -> np.ndarray:
     """Detector maps of each photo's largest drawn face, found by matching the canvas to the photo."""
-    from factory.detection import encode, letterbox
-    from factory.pipeline import largest_face
+    from factory.lefv.detection import encode, letterbox
+    from factory.lefv.stages import largest_face
 
     out = []
     for canvas in batch:

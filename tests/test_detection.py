@@ -15,7 +15,8 @@ import pytest
 import torch
 from helpers import draw_photo, face_at
 
-from factory.detection import (
+from factory.lefv.config import DetectorTrainConfig
+from factory.lefv.detection import (
     FLIP_ORDER,
     MIN_FACE,
     DeployedDetector,
@@ -34,8 +35,7 @@ from factory.detection import (
     torch_runner,
     train_detector,
 )
-from factory.models.lefv_detector import OUTPUT_CHANNELS, LEFVDetector
-from factory.recipe import DetectorTrainConfig
+from factory.lefv.detector_net import OUTPUT_CHANNELS, LEFVDetector
 
 SIZE = 192
 def ideal_output(faces: list[Face], size: int = SIZE) -> np.ndarray:

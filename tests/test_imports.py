@@ -15,9 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 # shared modules (errors, io, data, metrics, ...), never the recipe or anything that reads one.
 BUILDING_BLOCKS = ("factory.models", "factory.targets", "factory.teachers", "factory.align",
                    "factory.coreml_interpreter")
-ORCHESTRATION = ("factory.recipe", "factory.build", "factory.pipeline", "factory.cli", "factory.report",
+ORCHESTRATION = ("factory.recipe", "factory.build", "factory.lefv", "factory.cli", "factory.report",
                  "factory.compare", "factory.results", "factory.train", "factory.curve", "factory.evaluation",
-                 "factory.ablation", "factory.detection", "factory.normalisation", "factory.golden",
+                 "factory.ablation", "factory.golden",
                  "factory.teacher_eval")
 # What the device lab may take from the factory: it runs on lab hosts without torch or the converters.
 HARNESS_MAY_IMPORT = {"factory", "factory.gates"}
@@ -146,3 +146,18 @@ def test_the_device_lab_imports_only_the_gate_module_of_the_factory():
                     for target in targets if target.split(".")[0] == "factory"}
     assert "factory.gates" in from_factory and from_factory <= HARNESS_MAY_IMPORT, from_factory
     assert graph["factory.gates"] <= {"factory"} and graph["factory"] == set(), "the gate module must stay light"
+
+
+# The generic build, recipe, report and CLI: seed systems plug in (factory.pipelines), they are never named here.
+GENERIC = ("factory.build", "factory.recipe", "factory.report", "factory.report_schema", "factory.cli",
+           "factory.artifacts", "factory.pipelines", "factory.compare", "factory.results", "factory.stages",
+           "factory.gates", "factory.latency")
+
+
+def test_the_generic_modules_neither_import_nor_name_a_seed_pipeline():
+    graph = import_graph("factory")
+    imports = sorted(f"{m} imports {t}" for m in GENERIC for t in graph[m] if t.startswith("factory.lefv"))
+    assert imports == []
+    named = sorted(m for m in GENERIC
+                   if "lefv" in (REPO / (m.replace(".", "/") + ".py")).read_text().lower())
+    assert named == [], "seed-specific code belongs in its own package, plugged in through factory.pipelines"

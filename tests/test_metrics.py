@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from factory import gates
+from factory.lefv.config import DetectorGateConfig, NormaliserGateConfig
 from factory.metrics import (
     accuracy_at,
     best_threshold,
@@ -13,7 +14,7 @@ from factory.metrics import (
     pair_similarities,
     tar_at_far,
 )
-from factory.recipe import DetectorGateConfig, GateConfig, NormaliserGateConfig
+from factory.recipe import GateConfig
 
 
 def test_best_threshold_on_a_hand_computed_example() -> None:

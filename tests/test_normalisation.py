@@ -17,8 +17,9 @@ from helpers import TinyFaceNet, draw_photo, ideal_maps, recipe_dict, settle_bat
 from factory.data import load_images, read_split
 from factory.deploy import Embedder
 from factory.evaluation import load_evaluation_set
-from factory.models.mobilefacenet import MobileFaceNet
-from factory.normalisation import (
+from factory.lefv.card import end_to_end_lines, normaliser_lines
+from factory.lefv.config import NormaliserTrainConfig
+from factory.lefv.normalisation import (
     DeployedNormaliser,
     identity_report,
     normalise_pixels,
@@ -27,9 +28,9 @@ from factory.normalisation import (
     train_normaliser,
     yaw_proxy,
 )
-from factory.pipeline import StageRunners, end_to_end, normaliser_parity
-from factory.recipe import NormaliserTrainConfig, load_recipe
-from factory.report import _end_to_end_lines, _normaliser_lines
+from factory.lefv.stages import StageRunners, end_to_end, normaliser_parity
+from factory.models.mobilefacenet import MobileFaceNet
+from factory.recipe import load_recipe
 from factory.stages import StageLog
 from factory.weights import save_weights
 
@@ -101,6 +102,7 @@ def normaliser_setup(tmp_path_factory: pytest.TempPathFactory):
                          {"format": "executorch", "precisions": ["fp32", "int8"]}]
     (data_root / "photos.csv").write_text("raw_image,aligned_reference,landmarks_xy_source_pixels\n")
     recipe["pipeline"] = {
+        "kind": "lefv",
         "detector": {"weights": {"path": str(root / "detector.safetensors")}, "photos": "photos.csv"},
         "normaliser": {"weights": {"path": str(root / "normaliser.safetensors")},
                        "encoder": {"path": str(root / "encoder.safetensors")}, "parity_faces": 16},
@@ -148,7 +150,7 @@ def test_normaliser_parity_measures_pixels_and_identity(normaliser_setup) -> Non
 
 
 def test_normaliser_artifacts_reproduce_pytorch(tmp_path: Path, normaliser_setup) -> None:
-    from factory.pipeline import build_normaliser
+    from factory.lefv.stages import build_normaliser
 
     recipe, _, _, recogniser = normaliser_setup
     evaluation = load_evaluation_set(recipe)
@@ -171,7 +173,7 @@ def test_normaliser_artifacts_reproduce_pytorch(tmp_path: Path, normaliser_setup
         # A loaded runner takes NCHW pixels whatever the artifact's layout, and gives pixels back.
         out = runners[name]()(calibration[:2])
         assert out.shape == (2, 3, 112, 112) and 0.0 <= out.min() and out.max() <= 255.0
-    card = "\n".join(_normaliser_lines(section))
+    card = "\n".join(normaliser_lines(section))
     assert "## Stage 2: face normaliser" in card
     assert all(f"| `{a['file']}` |" in card for a in section["artifacts"])
 
@@ -196,6 +198,6 @@ def test_end_to_end_runs_the_normaliser_between_alignment_and_embedding(tmp_path
                         E2E_SIZE, 112, reference, 0.5)
     assert plain["found_rate"] == darker["found_rate"] == 1.0
     np.testing.assert_allclose(seen, np.array(plain_means) * 0.5, rtol=1e-5)
-    card = "\n".join(_end_to_end_lines({"rows": [{"photos_set": "held-out", **plain},
+    card = "\n".join(end_to_end_lines({"rows": [{"photos_set": "held-out", **plain},
                                                   {"photos_set": "held-out", "normalised": True, **darker}]}))
     assert "| ideal | — | 3 (held-out) |" in card and "| ideal | yes | 3 (held-out) |" in card

@@ -15,10 +15,11 @@ import torch
 import yaml
 from helpers import draw_photo, ideal_maps, recipe_dict, synthetic_dataset
 
-from factory.detection import train_detector
-from factory.pipeline import StageRunners, detection_parity, end_to_end
-from factory.recipe import DetectorTrainConfig, load_recipe
-from factory.report import _detector_lines, _end_to_end_lines
+from factory.lefv.card import detector_lines, end_to_end_lines
+from factory.lefv.config import DetectorTrainConfig
+from factory.lefv.detection import train_detector
+from factory.lefv.stages import StageRunners, detection_parity, end_to_end
+from factory.recipe import load_recipe
 from factory.stages import StageLog
 from factory.weights import save_weights
 
@@ -44,14 +45,14 @@ def detector_recipe(tmp_path_factory: pytest.TempPathFactory, drawn: tuple[list,
     data = recipe_dict(data_root)
     data["targets"] = [{"format": "tflite", "precisions": ["fp32", "int8"]},
                        {"format": "executorch", "precisions": ["fp32", "int8"]}]
-    data["pipeline"] = {"detector": {"weights": {"path": str(root / "detector.safetensors")},
+    data["pipeline"] = {"kind": "lefv", "detector": {"weights": {"path": str(root / "detector.safetensors")},
                                      "photos": "photos.csv", "input_size": SIZE}}
     (root / "recipe.yaml").write_text(yaml.safe_dump(data))
     return load_recipe(root / "recipe.yaml"), model
 
 
 def test_detector_artifacts_reproduce_pytorch_detections(tmp_path: Path, detector_recipe, drawn) -> None:
-    from factory.pipeline import build_detector
+    from factory.lefv.stages import build_detector
 
     recipe, _ = detector_recipe
     section, runners = build_detector(recipe, tmp_path, StageLog(lambda _line: None, tmp_path / "log"),
@@ -75,7 +76,7 @@ def test_detector_artifacts_reproduce_pytorch_detections(tmp_path: Path, detecto
         ("float32", "float32")}, [a["io"] for a in section["artifacts"]]
     assert all(a["latency_ms"]["1_thread"]["median_ms"] > 0 for a in section["artifacts"])
     # The model card's detector section: one row per artifact plus PyTorch, with its gates.
-    card = "\n".join(_detector_lines(section))
+    card = "\n".join(detector_lines(section))
     assert "## Stage 1: face detector" in card
     for a in section["artifacts"]:
         assert f"| `{a['file']}` |" in card
@@ -85,8 +86,8 @@ def test_detector_artifacts_reproduce_pytorch_detections(tmp_path: Path, detecto
 def test_a_stage_observer_sets_that_stage_s_int8_activation_ranges(tmp_path: Path, detector_recipe, drawn) -> None:
     from dataclasses import replace
 
+    from factory.lefv.stages import build_detector
     from factory.observers import DESCRIPTIONS
-    from factory.pipeline import build_detector
 
     recipe, _ = detector_recipe
     recipe = replace(recipe, targets=[replace(recipe.targets[0], format="tflite", precisions=["int8"])],
@@ -129,6 +130,6 @@ def test_end_to_end_aligns_the_largest_face_and_compares_with_the_reference_crop
                          embed=perfect.embed)
     blind_row = end_to_end(blind, photos, E2E_SIZE, 112, reference, threshold=0.5)
     assert blind_row["found_rate"] == 0.0 and blind_row["same_person_rate"] == 0.0 and len(blind_row["missed"]) == 4
-    card = "\n".join(_end_to_end_lines({"rows": [{"photos_set": "held-out", **row},
+    card = "\n".join(end_to_end_lines({"rows": [{"photos_set": "held-out", **row},
                                                   {"photos_set": "held-out", **blind_row}]}))
     assert "| ideal | — | 4 (held-out) | 100.00% |" in card and "| blind | — | 4 (held-out) | 0.00% |" in card

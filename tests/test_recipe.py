@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,8 @@ import yaml
 from helpers import REPO, recipe_dict, synthetic_dataset
 
 from factory.errors import FactoryError
-from factory.recipe import RecipeError, load_recipe
+from factory.pipelines import PipelineKind, PipelineOutput, TrainableStage, register_pipeline, unregister_pipeline
+from factory.recipe import RecipeError, WeightsConfig, load_recipe
 
 
 @pytest.fixture()
@@ -171,7 +173,7 @@ def test_formats_precisions_and_observers_are_asked_of_their_registries(tmp_path
 
 def test_pipeline_detector_settings_are_checked(tmp_path: Path, data_root: Path) -> None:
     data = recipe_dict(data_root)
-    data["pipeline"] = {"detector": {"weights": {"path": "d.safetensors"}, "photos": "no_such.csv",
+    data["pipeline"] = {"kind": "lefv", "detector": {"weights": {"path": "d.safetensors"}, "photos": "no_such.csv",
                                      "input_size": 100, "held_out_every": 1, "train": {"steps": 0}}}
     joined = "\n".join(problems_of(write(tmp_path, data)))
     assert "pipeline.detector.input_size: must be a positive multiple of 16, got 100" in joined
@@ -183,7 +185,7 @@ def test_pipeline_detector_settings_are_checked(tmp_path: Path, data_root: Path)
 def test_pipeline_normaliser_settings_are_checked(tmp_path: Path, data_root: Path) -> None:
     data = recipe_dict(data_root)
     (data_root / "photos.csv").write_text("raw_image,aligned_reference,landmarks_xy_source_pixels\n")
-    data["pipeline"] = {"detector": {"weights": {"path": "d.safetensors"}, "photos": "photos.csv"},
+    data["pipeline"] = {"kind": "lefv", "detector": {"weights": {"path": "d.safetensors"}, "photos": "photos.csv"},
                         "normaliser": {"weights": {"path": "n.safetensors"}, "encoder": {"path": "no_encoder.st"},
                                        "parity_faces": 0,
                                        "train": {"steps": 0, "frontal_fraction": 1.5, "pixel_weight": -1,
@@ -205,7 +207,7 @@ def test_pipeline_stage_observer_overrides_the_recipe_observer_and_is_checked(tm
     data = recipe_dict(data_root)
     (data_root / "photos.csv").write_text("raw_image,aligned_reference,landmarks_xy_source_pixels\n")
     (tmp_path / "encoder.st").write_bytes(b"")
-    data["pipeline"] = {"detector": {"weights": {"path": "d.safetensors"}, "photos": "photos.csv"},
+    data["pipeline"] = {"kind": "lefv", "detector": {"weights": {"path": "d.safetensors"}, "photos": "photos.csv"},
                         "normaliser": {"weights": {"path": "n.safetensors"}, "encoder": {"path": "encoder.st"},
                                        "observer": "mean_min_max"}}
     recipe = load_recipe(write(tmp_path, data))
@@ -222,8 +224,64 @@ def test_training_a_pipeline_stage_needs_a_pipeline_recipe(tmp_path: Path, data_
     result = subprocess.run([sys.executable, "-m", "factory", "train", str(path), "--stage", stage],
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode != 0
-    assert f"has no 'pipeline.{stage}' section" in result.stderr
+    assert f"has no pipeline stage {stage!r} to train; its stages: recogniser" in result.stderr
     assert not list(tmp_path.glob("*.safetensors"))
+
+
+@dataclass
+class _StandInStage:
+    weights: WeightsConfig
+    frames: int = 4
+
+
+@dataclass
+class _StandInPipeline:
+    kind: str
+    tracker: _StandInStage
+
+
+def _stand_in_check(recipe, problems: list[str]) -> None:
+    if recipe.pipeline.tracker.frames < 1:
+        problems.append(f"pipeline.tracker.frames: at least 1, got {recipe.pipeline.tracker.frames}")
+
+
+@pytest.fixture()
+def stand_in_kind():
+    """A pipeline kind registered by hand: what a plug-in gives the generic recipe reader."""
+    kind = register_pipeline(PipelineKind(
+        name="stand_in", description="test kind", config=_StandInPipeline, check=_stand_in_check,
+        build=lambda inputs: PipelineOutput({"kind": "stand_in"}, []), card_lines=lambda section: [],
+        summary=lambda section: "", stages={"tracker": TrainableStage(lambda cfg: cfg.tracker.weights, None)}))
+    yield kind
+    unregister_pipeline(kind.name)
+
+
+def test_a_pipeline_section_is_read_into_the_config_of_the_kind_it_names(tmp_path: Path, data_root: Path,
+                                                                          stand_in_kind: PipelineKind) -> None:
+    data = recipe_dict(data_root)
+    data["pipeline"] = {"kind": "stand_in", "tracker": {"weights": {"path": "t.safetensors"}, "frames": 8}}
+    recipe = load_recipe(write(tmp_path, data))
+    assert isinstance(recipe.pipeline, _StandInPipeline) and recipe.pipeline.tracker.frames == 8
+    assert recipe.to_dict()["pipeline"] == {"kind": "stand_in", "tracker": {"weights": {"path": "t.safetensors",
+                                                                                         "sha256": None}, "frames": 8}}
+    assert [w.path for w in stand_in_kind.weights(recipe.pipeline)] == ["t.safetensors"]
+    # The kind's schema and its own rules are reported like any recipe key.
+    data["pipeline"]["tracker"] = {"weights": {"path": "t.safetensors"}, "frames": 0, "fps": 30}
+    joined = "\n".join(problems_of(write(tmp_path, data)))
+    assert "pipeline.tracker.fps: unknown key; known keys here: weights, frames" in joined
+    data["pipeline"]["tracker"].pop("fps")
+    assert problems_of(write(tmp_path, data)) == ["pipeline.tracker.frames: at least 1, got 0"]
+
+
+def test_a_pipeline_section_must_name_a_registered_kind(tmp_path: Path, data_root: Path,
+                                                        stand_in_kind: PipelineKind) -> None:
+    data = recipe_dict(data_root)
+    data["pipeline"] = {"tracker": {"weights": {"path": "t.safetensors"}}}
+    (problem,) = problems_of(write(tmp_path, data))
+    assert problem.startswith("pipeline.kind: required key is missing") and "lefv" in problem and "stand_in" in problem
+    data["pipeline"]["kind"] = "tracking"
+    (problem,) = problems_of(write(tmp_path, data))
+    assert problem.startswith("pipeline.kind: 'tracking' is not a registered pipeline kind; registered: lefv")
 
 
 def test_a_recipe_extends_its_base_by_deep_merge(tmp_path: Path, data_root: Path) -> None:

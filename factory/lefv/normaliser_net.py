@@ -3,7 +3,7 @@
 The normalisation stage of the LEFV system (ICVIP 2019): an encoder-decoder generator maps an aligned face
 (any pose, expression, lighting) to a normalised, frontal-looking one before the recogniser embeds it. It is
 trained with adversarial, identity-preserving, pixel and symmetry losses (the paper's Eq. 5-9; see
-`factory.normalisation`). What the paper fixes, and this module follows: the encoder is a frozen
+`factory.lefv.normalisation`). What the paper fixes, and this module follows: the encoder is a frozen
 MobileFaceNet (here the project's own, `pipeline.normaliser.encoder` of `recipes/lefv.yaml`).
 
 Choices made here (the paper's layer table was not available to the tools this module was written with):
@@ -59,7 +59,7 @@ class Normaliser(nn.Module):
     """Generator: frozen MobileFaceNet encoder + U-Net decoder. A normalised NCHW 112x112 face in, one out.
 
     Input and output use the recogniser's normalisation, (pixel - 127.5) / 128, so the output can be fed to
-    a recogniser directly; `factory.normalisation.DeployedNormaliser` takes and returns pixels.
+    a recogniser directly; `factory.lefv.normalisation.DeployedNormaliser` takes and returns pixels.
     """
 
     def __init__(self, encoder: MobileFaceNet | None = None) -> None:

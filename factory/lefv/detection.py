@@ -31,8 +31,9 @@ from factory.align.mtcnn import MTCNN, nms
 from factory.align.prepare import read_photo, read_raw_samples
 from factory.errors import FactoryError
 from factory.io import atomic_path
-from factory.models.lefv_detector import OUTPUT_CHANNELS, REGRESSION_SCALE, STRIDE, LEFVDetector
-from factory.recipe import DetectorTrainConfig, Recipe, data_path
+from factory.lefv.config import DetectorTrainConfig
+from factory.lefv.detector_net import OUTPUT_CHANNELS, REGRESSION_SCALE, STRIDE, LEFVDetector
+from factory.recipe import Recipe, data_path
 from factory.weights import save_weights
 
 TEACHER_MIN_SCORE = 0.9

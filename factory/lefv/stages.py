@@ -28,25 +28,27 @@ from torch import nn
 from factory.align.template import align_face
 from factory.artifacts import Check, StageSpec, compile_and_verify, in_layout, nchw
 from factory.data import load_images
-from factory.detection import (
+from factory.evaluation import EvaluationSet, torch_embeddings
+from factory.latency import latency_rows
+from factory.lefv.detection import (
     DeployedDetector,
     Face,
     Photo,
     augment,
     decode,
     letterbox,
+    load_photos,
     match,
     score_detector,
     to_photo,
     torch_runner,
 )
-from factory.evaluation import EvaluationSet, torch_embeddings
-from factory.latency import latency_rows
-from factory.models.lefv_detector import OUTPUT_CHANNELS, STRIDE, LEFVDetector
-from factory.models.lefv_normaliser import Normaliser
+from factory.lefv.detector_net import OUTPUT_CHANNELS, STRIDE, LEFVDetector
+from factory.lefv.normalisation import PIXEL_MEAN, PIXEL_SCALE, DeployedNormaliser, identity_report, normalise_pixels
+from factory.lefv.normaliser_net import Normaliser
 from factory.models.mobilefacenet import MobileFaceNet
-from factory.normalisation import PIXEL_MEAN, PIXEL_SCALE, DeployedNormaliser, identity_report, normalise_pixels
 from factory.peers import torch_eager_call
+from factory.pipelines import PipelineInputs, PipelineOutput
 from factory.profile import count_macs, count_parameters
 from factory.recipe import Recipe
 from factory.stages import Stage, StageLog
@@ -353,3 +355,30 @@ def end_to_end_rows(recipe: Recipe, log: StageLog, photos: tuple[list[Photo], li
                     rows.append({"photos_set": set_name, "normalised": with_normaliser,
                                  **end_to_end(runners, chosen, size, face_size, reference, row_threshold)})
     return {"photos": len(everything), "held_out": len(held_out), "rows": rows}
+
+
+# ------------------------------------------------------------------------------------------------ the whole kind
+
+
+def build_pipeline(inputs: PipelineInputs) -> PipelineOutput:
+    """The `lefv` kind's build step: the detector, the normaliser (where the recipe has one), then the end-to-end
+    rows of every runtime; returns the report section (`kind`, `detector`, `normaliser`, `end_to_end`)."""
+    recipe, log, printer = inputs.recipe, inputs.log, inputs.printer
+    with log.stage(Stage.LOAD, "raw photos and their MTCNN (teacher) faces"):
+        photos = load_photos(recipe, log=lambda _line: None)
+    section: dict[str, Any] = {"kind": recipe.pipeline.kind}
+    section["detector"], detectors = build_detector(recipe, inputs.out, log, printer, photos)
+    normalisers, normalised_threshold = None, None
+    if recipe.pipeline.normaliser is not None:
+        section["normaliser"], normalisers = build_normaliser(recipe, inputs.out, log, printer, inputs.evaluation,
+                                                              inputs.calibration, inputs.reference_model)
+        normalised_threshold = section["normaliser"]["identity"]["threshold_with"]
+    section["end_to_end"] = end_to_end_rows(recipe, log, photos, detectors, inputs.recognisers,
+                                            inputs.reference_model, inputs.reference_threshold, normalisers,
+                                            normalised_threshold)
+    for row in section["end_to_end"]["rows"]:
+        label = f"{row['runtime']}{', normalised' if row.get('normalised') else ''}"
+        printer(f"  end to end, {label} on {row['photos_set']} photos: found {row['found_rate']:.3f}, "
+                f"cosine to the reference crop {row['cosine_mean']:.4f}, same person {row['same_person_rate']:.3f}")
+    artifacts = [a for stage in ("detector", "normaliser") for a in section.get(stage, {}).get("artifacts", [])]
+    return PipelineOutput(section, artifacts)

@@ -15,7 +15,7 @@ made here:
   * the head is anchor-free (one prediction per cell, as CenterNet): channel 0 is the face score logit,
     1-2 the box centre's offset from the cell centre, 3-4 the log box width and height, 5-14 the five
     landmarks' offsets from the cell centre. Offsets are in units of `REGRESSION_SCALE` pixels and widths
-    and heights in log units of it. `factory.detection.decode` turns the map into boxes.
+    and heights in log units of it. `factory.lefv.detection.decode` turns the map into boxes.
 
 Leaky ReLU slope 0.1 everywhere. Input: normalised NCHW, any side divisible by 16.
 """

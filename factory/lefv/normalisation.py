@@ -1,6 +1,6 @@
 """LEFV's face normaliser: GAN training and how well it keeps identity.
 
-The normaliser (`factory.models.lefv_normaliser.Normaliser`: frozen MobileFaceNet encoder, U-Net decoder)
+The normaliser (`factory.lefv.normaliser_net.Normaliser`: frozen MobileFaceNet encoder, U-Net decoder)
 turns an aligned face into a normalised one: frontal-looking, symmetric, evenly lit. The LEFV paper trains it
 with four losses (its Eq. 5-9); this module uses, per batch of aligned training faces x:
 
@@ -42,9 +42,10 @@ from factory.deploy import Embedder
 from factory.errors import FactoryError
 from factory.evaluation import EvaluationSet, torch_embeddings
 from factory.io import atomic_path
-from factory.models.lefv_normaliser import Normaliser, PatchDiscriminator
+from factory.lefv.config import NormaliserTrainConfig
+from factory.lefv.normaliser_net import Normaliser, PatchDiscriminator
 from factory.models.mobilefacenet import MobileFaceNet
-from factory.recipe import NormaliserTrainConfig, Recipe, data_path
+from factory.recipe import Recipe, data_path
 from factory.weights import load_weights, save_weights
 
 PIXEL_MEAN = 127.5
