@@ -7,8 +7,9 @@ as plain JSON data with the same keys. Field metadata: `key` is the JSON key whe
 
 Parity metrics stay a mapping from metric name to value: the gates (`factory.gates`) name them, and each stage
 kind measures its own (the recogniser's cosines and LFW accuracy, a detector's detection agreement). A pipeline
-kind's section (`pipeline`, see `factory.pipelines`) keeps the shape its kind gives it, with the kind's name under
-`kind`; its artifacts are `Artifact`s.
+kind's section (`pipeline`, see `factory.pipelines`) has the kind's name under `kind` and is typed by the kind's
+own schema (checked when the kind builds it and when its card is rendered), with `Artifact`s for its artifacts;
+read here it stays a mapping, so the device lab reads any report without the kinds' code.
 
 Imports nothing heavy: the device lab and `factory compare` read reports without the toolchain.
 """

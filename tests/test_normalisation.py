@@ -28,9 +28,11 @@ from factory.lefv.normalisation import (
     train_normaliser,
     yaw_proxy,
 )
+from factory.lefv.schema import EndToEnd, NormaliserSection
 from factory.lefv.stages import StageRunners, end_to_end, normaliser_parity
 from factory.models.mobilefacenet import MobileFaceNet
 from factory.recipe import load_recipe
+from factory.report_schema import from_data
 from factory.stages import StageLog
 from factory.weights import save_weights
 
@@ -173,7 +175,7 @@ def test_normaliser_artifacts_reproduce_pytorch(tmp_path: Path, normaliser_setup
         # A loaded runner takes NCHW pixels whatever the artifact's layout, and gives pixels back.
         out = runners[name]()(calibration[:2])
         assert out.shape == (2, 3, 112, 112) and 0.0 <= out.min() and out.max() <= 255.0
-    card = "\n".join(normaliser_lines(section))
+    card = "\n".join(normaliser_lines(from_data(NormaliserSection, section)))
     assert "## Stage 2: face normaliser" in card
     assert all(f"| `{a['file']}` |" in card for a in section["artifacts"])
 
@@ -198,6 +200,7 @@ def test_end_to_end_runs_the_normaliser_between_alignment_and_embedding(tmp_path
                         E2E_SIZE, 112, reference, 0.5)
     assert plain["found_rate"] == darker["found_rate"] == 1.0
     np.testing.assert_allclose(seen, np.array(plain_means) * 0.5, rtol=1e-5)
-    card = "\n".join(end_to_end_lines({"rows": [{"photos_set": "held-out", **plain},
-                                                  {"photos_set": "held-out", "normalised": True, **darker}]}))
+    rows = [{"photos_set": "held-out", "normalised": False, **plain},
+            {"photos_set": "held-out", "normalised": True, **darker}]
+    card = "\n".join(end_to_end_lines(from_data(EndToEnd, {"photos": 3, "held_out": 3, "rows": rows})))
     assert "| ideal | — | 3 (held-out) |" in card and "| ideal | yes | 3 (held-out) |" in card

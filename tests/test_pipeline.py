@@ -18,8 +18,10 @@ from helpers import draw_photo, ideal_maps, recipe_dict, synthetic_dataset
 from factory.lefv.card import detector_lines, end_to_end_lines
 from factory.lefv.config import DetectorTrainConfig
 from factory.lefv.detection import train_detector
+from factory.lefv.schema import DetectorSection, EndToEnd
 from factory.lefv.stages import StageRunners, detection_parity, end_to_end
 from factory.recipe import load_recipe
+from factory.report_schema import from_data
 from factory.stages import StageLog
 from factory.weights import save_weights
 
@@ -76,7 +78,7 @@ def test_detector_artifacts_reproduce_pytorch_detections(tmp_path: Path, detecto
         ("float32", "float32")}, [a["io"] for a in section["artifacts"]]
     assert all(a["latency_ms"]["1_thread"]["median_ms"] > 0 for a in section["artifacts"])
     # The model card's detector section: one row per artifact plus PyTorch, with its gates.
-    card = "\n".join(detector_lines(section))
+    card = "\n".join(detector_lines(from_data(DetectorSection, section)))
     assert "## Stage 1: face detector" in card
     for a in section["artifacts"]:
         assert f"| `{a['file']}` |" in card
@@ -130,6 +132,6 @@ def test_end_to_end_aligns_the_largest_face_and_compares_with_the_reference_crop
                          embed=perfect.embed)
     blind_row = end_to_end(blind, photos, E2E_SIZE, 112, reference, threshold=0.5)
     assert blind_row["found_rate"] == 0.0 and blind_row["same_person_rate"] == 0.0 and len(blind_row["missed"]) == 4
-    card = "\n".join(end_to_end_lines({"rows": [{"photos_set": "held-out", **row},
-                                                  {"photos_set": "held-out", **blind_row}]}))
+    rows = [{"photos_set": "held-out", "normalised": False, **r} for r in (row, blind_row)]
+    card = "\n".join(end_to_end_lines(from_data(EndToEnd, {"photos": 4, "held_out": 4, "rows": rows})))
     assert "| ideal | — | 4 (held-out) | 100.00% |" in card and "| blind | — | 4 (held-out) | 0.00% |" in card

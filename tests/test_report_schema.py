@@ -44,3 +44,19 @@ def test_a_report_of_another_shape_is_refused_with_its_json_path(tmp_path: Path)
         read_report(tmp_path / "none")
     report["reference"]["threshold"] = 0.3
     assert read_report(write_report(tmp_path / "good", report)).reference.threshold == 0.3
+
+
+def test_a_pipeline_kind_section_reads_into_its_own_types_and_refuses_a_stray_key() -> None:
+    from factory.lefv.schema import LEFVSection
+
+    data = json.loads((REPO / "reports" / "lefv" / "report.json").read_text())["pipeline"]
+    section = from_data(LEFVSection, data, "pipeline")
+    assert section.kind == "lefv" and section.detector.reference.teacher_faces > 0
+    assert len(section.detector.artifacts) == len(section.normaliser.artifacts) == 7
+    assert {row.runtime for row in section.end_to_end.rows} >= {"PyTorch fp32", "tflite int8"}
+    data["detector"]["reference"]["recal"] = 1.0
+    with pytest.raises(ReportSchemaError, match=r"pipeline\.detector\.reference: unknown key\(s\) recal"):
+        from_data(LEFVSection, data, "pipeline")
+    del data["detector"]["reference"]["recal"], data["end_to_end"]["rows"][0]["threshold"]
+    with pytest.raises(ReportSchemaError, match=r"pipeline\.end_to_end\.rows\[0\]\.threshold: missing"):
+        from_data(LEFVSection, data, "pipeline")

@@ -5,7 +5,7 @@ multi-scale-fusion recogniser (the recogniser itself is the registered model `le
   detector_net.py    the detector network; detection.py: its MTCNN-taught training, decoding, scoring
   normaliser_net.py  the normaliser networks; normalisation.py: its GAN training and identity scoring
   stages.py          compiling and verifying both stages, and the raw-photo-to-embedding run
-  card.py            their model-card sections
+  schema.py          the types of its report section; card.py: its model-card sections
 
 Declared in the project's `pyproject.toml` under the `factory.pipelines` entry points (see `factory.pipelines`).
 """

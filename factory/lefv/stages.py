@@ -46,11 +46,13 @@ from factory.lefv.detection import (
 from factory.lefv.detector_net import OUTPUT_CHANNELS, STRIDE, LEFVDetector
 from factory.lefv.normalisation import PIXEL_MEAN, PIXEL_SCALE, DeployedNormaliser, identity_report, normalise_pixels
 from factory.lefv.normaliser_net import Normaliser
+from factory.lefv.schema import LEFVSection
 from factory.models.mobilefacenet import MobileFaceNet
 from factory.peers import torch_eager_call
 from factory.pipelines import PipelineInputs, PipelineOutput
 from factory.profile import count_macs, count_parameters
 from factory.recipe import Recipe
+from factory.report_schema import from_data
 from factory.stages import Stage, StageLog
 from factory.targets import CompiledArtifact, Runner, Target
 from factory.weights import load_weights, sha256_of, training_summary
@@ -380,5 +382,6 @@ def build_pipeline(inputs: PipelineInputs) -> PipelineOutput:
         label = f"{row['runtime']}{', normalised' if row.get('normalised') else ''}"
         printer(f"  end to end, {label} on {row['photos_set']} photos: found {row['found_rate']:.3f}, "
                 f"cosine to the reference crop {row['cosine_mean']:.4f}, same person {row['same_person_rate']:.3f}")
+    from_data(LEFVSection, section, "pipeline")  # the section's own types: a key or type amiss fails the build here
     artifacts = [a for stage in ("detector", "normaliser") for a in section.get(stage, {}).get("artifacts", [])]
     return PipelineOutput(section, artifacts)
