@@ -21,6 +21,7 @@ from torch import nn
 from factory import gates
 from factory.io import artifact_bytes
 from factory.latency import all_threads, latency_rows
+from factory.report_schema import Artifact, from_data, to_data
 from factory.stages import Stage, StageLog
 from factory.targets import CompiledArtifact, CompileRequest, Runner, Target, get_target
 from factory.weights import sha256_of
@@ -29,7 +30,8 @@ from factory.weights import sha256_of
 @dataclass
 class Check:
     """What a stage's check measured on one artifact: `parity` is gated; `extra` goes into the artifact's
-    report entry as it is (e.g. the detector's recall against its teacher, the recogniser's parity pair set)."""
+    report entry under keys of `report_schema.Artifact` (e.g. a detector's recall against its teacher, the
+    recogniser's parity pair set); a key the report type does not have fails the build with its name."""
 
     parity: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
@@ -76,59 +78,36 @@ class StageSpec:
 
 
 @dataclass
-class OtherRuntime:
-    """The same artifact verified in a further runtime of this host (e.g. Core ML's GPU and Neural Engine)."""
-
-    verified_by: str
-    parity: dict[str, Any]
-    gates: list[dict[str, Any]]
-
-
-@dataclass
 class ArtifactResult:
-    """One compiled and verified artifact (its report.json entry is `to_dict()`)."""
+    """One compiled and verified artifact: its report entry (`report`, the report's own type; report.json holds
+    `to_dict()`) and what it takes to run it again (its file and target)."""
 
     path: Path
     target: Target
-    file: str
-    format: str
-    precision: str
-    bytes: int
-    sha256: str
-    quantization: str
-    runtime: str
-    io: dict[str, Any]
-    details: dict[str, Any]
-    verified_by: str
-    parity: dict[str, Any]
-    gates: list[dict[str, Any]]
-    latency_ms: dict[str, dict[str, float]] | None = None
-    other_runtimes: list[OtherRuntime] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
-    status: str = "verified"
+    report: Artifact
+
+    @property
+    def format(self) -> str:
+        return self.report.format
+
+    @property
+    def precision(self) -> str:
+        return self.report.precision
 
     @property
     def input_layout(self) -> str:
-        return self.io["input"]["layout"]
+        return self.report.io.input.layout
 
     @property
     def passed(self) -> bool:
-        return all(g["passed"] for row in (self, *self.other_runtimes) for g in row.gates)
+        return self.report.passed
 
     def nchw_runner(self, threads: int | None = None) -> Runner:
         """A runner of the artifact that takes NCHW input whatever its layout (loaded now)."""
         return nchw(self.target.load_runner(self.path, threads or all_threads()), self.input_layout)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "file": self.file, "format": self.format, "precision": self.precision, "bytes": self.bytes,
-            "sha256": self.sha256, "quantization": self.quantization, "runtime": self.runtime, "io": self.io,
-            "details": self.details, "verified_by": self.verified_by, "status": self.status,
-            "parity": self.parity, "gates": self.gates, "latency_ms": self.latency_ms,
-            "other_runtimes": [{"verified_by": o.verified_by, "parity": o.parity, "gates": o.gates}
-                               for o in self.other_runtimes],
-            **self.extra,
-        }
+        return to_data(self.report)
 
 
 def nchw(runner: Runner, layout: str) -> Runner:
@@ -193,22 +172,28 @@ def _verify(spec: StageSpec, target: Target, artifact: CompiledArtifact, log: St
         others = []
         for runtime, other_runner in target.extra_runners(artifact.path).items():
             other = spec.check(other_runner, artifact, target)
-            others.append(OtherRuntime(runtime, other.parity, gates.evaluate(gate, other.parity)))
+            others.append({"verified_by": runtime, "parity": other.parity,
+                           "gates": gates.evaluate(gate, other.parity)})
     extra = {**measured.extra, **(spec.follow_up(runner, artifact, target) if spec.follow_up else {})}
-    result = ArtifactResult(
-        path=artifact.path, target=target, file=artifact.path.name, format=artifact.format,
-        precision=artifact.precision, bytes=artifact_bytes(artifact.path), sha256=sha256_of(artifact.path),
-        quantization=artifact.quantization, runtime=target.runtime_name, io=_io(artifact),
-        details=artifact.details, verified_by=target.runtime_name, parity=measured.parity,
-        gates=gates.evaluate(gate, measured.parity), other_runtimes=others, extra=extra,
-    )
+    latency_ms = None
     if target.host_latency:
         with log.stage(Stage.VERIFY, f"{artifact.path.name} latency"):
             example = in_layout(spec.latency_input[:1], artifact.input_layout)
-            result.latency_ms = latency_rows(artifact_call(target, artifact.path, example), *latency)
-    for row in (result, *others):
-        for failed in (g for g in row.gates if not g["passed"]):
-            printer(f"  GATE FAILED {artifact.path.name}{'' if row is result else f' ({row.verified_by})'}: "
-                    f"{failed['metric']} = {failed['value']:.6f}, needs {failed['op']} {failed['threshold']} "
-                    f"(off by {-failed['margin']:.6f})")
+            latency_ms = latency_rows(artifact_call(target, artifact.path, example), *latency)
+    entry = {
+        "file": artifact.path.name, "format": artifact.format, "precision": artifact.precision,
+        "bytes": artifact_bytes(artifact.path), "sha256": sha256_of(artifact.path),
+        "quantization": artifact.quantization, "runtime": target.runtime_name, "io": _io(artifact),
+        "details": artifact.details, "verified_by": target.runtime_name, "status": "verified",
+        "parity": measured.parity, "gates": gates.evaluate(gate, measured.parity), "latency_ms": latency_ms,
+        "other_runtimes": others, **extra,
+    }
+    # The entry is read into the report's type here: a measurement the report has no key for fails at once.
+    result = ArtifactResult(artifact.path, target, from_data(Artifact, entry, f"artifact {artifact.path.name}"))
+    report = result.report
+    for row in (report, *report.other_runtimes):
+        for failed in (g for g in row.gates if not g.passed):
+            printer(f"  GATE FAILED {report.file}{'' if row is report else f' ({row.verified_by})'}: "
+                    f"{failed.metric} = {failed.value:.6f}, needs {failed.op} {failed.threshold} "
+                    f"(off by {-failed.margin:.6f})")
     return result
