@@ -121,13 +121,14 @@ def _train_pipeline_stage(args: argparse.Namespace, recipe: Recipe) -> int:
     """`train --stage NAME`: a stage of the recipe's pipeline kind (`factory.pipelines`)."""
     from factory.pipelines import pipeline_kind
 
-    kind = pipeline_kind(recipe.pipeline.kind) if recipe.pipeline is not None else None
-    stage = kind.stages.get(args.stage) if kind is not None else None
-    weights = stage.weights(recipe.pipeline) if stage is not None else None
-    if weights is None:
-        offered = ", ".join(["recogniser", *(s for s in kind.stages if kind.stages[s].weights(recipe.pipeline))]
-                            if kind is not None else ["recogniser"])
+    stages = pipeline_kind(recipe.pipeline.kind).stages if recipe.pipeline is not None else {}
+    # Stages the recipe has: a kind's stage whose weights entry the recipe leaves out is not one of them.
+    present = {name: stage for name, stage in stages.items() if stage.weights(recipe.pipeline) is not None}
+    if args.stage not in present:
+        offered = ", ".join(["recogniser", *present])
         raise FactoryError(f"{args.recipe} has no pipeline stage {args.stage!r} to train; its stages: {offered}")
+    stage = present[args.stage]
+    weights = stage.weights(recipe.pipeline)
     output = Path(args.output) if args.output else recipe.resolve(weights.path)
     summary = stage.train(recipe, output)
     print(f"{args.stage} weights written to {output} ({summary['wall_time_s'] / 60:.1f} min on {summary['device']})")
