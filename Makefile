@@ -4,7 +4,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: build test test-slow lint adb
+.PHONY: build test test-slow lint adb bench
 
 $(VENV)/.installed: pyproject.toml
 	python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
@@ -32,5 +32,11 @@ test: $(VENV)/.installed adb
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -m slow
 
+# Host latency benchmarks (pytest-benchmark) of the MobileFaceNet build's artifacts and peers; needs `make build`
+# first. Each run is saved under benchmarks/results/; BENCH_ARGS=--benchmark-compare compares with the last one.
+bench: $(VENV)/.installed
+	$(PY) -m pytest benchmarks -p no:cacheprovider --benchmark-only --benchmark-autosave \
+	  --benchmark-storage=file://benchmarks/results --benchmark-columns=min,median,iqr,max,rounds $(BENCH_ARGS)
+
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check factory mobile_harness tests
+	$(VENV)/bin/ruff check factory mobile_harness tests benchmarks

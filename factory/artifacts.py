@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from factory import gates
+from factory import gates, triage
 from factory.io import artifact_bytes
 from factory.latency import all_threads, latency_rows
 from factory.report_schema import Artifact, from_data, to_data
@@ -56,6 +56,8 @@ class StageSpec:
         graph: Builds the deployed graph around the network; None: the face embedder (`factory.deploy.Embedder`).
         embedding_size: The embedder's width (the recogniser); 0 for other stages.
         output_name, output_shape, description, observer, w8_keep_float16_up_to: See `CompileRequest`.
+        triage: Quantisation triage settings (`factory.recipe.TriageConfig`) for int8 artifacts that miss their
+            gates; None: no triage.
     """
 
     stem: str
@@ -75,6 +77,7 @@ class StageSpec:
     description: str = "Face embedding model built by the mobile face-model factory"
     observer: str = "default"
     w8_keep_float16_up_to: dict[str, int] = field(default_factory=dict)  # by target format
+    triage: Any = None
 
 
 @dataclass
@@ -159,21 +162,55 @@ def compile_and_verify(spec: StageSpec, targets: list[tuple[str, list[str]]], ou
             )
             artifact = target.compile(request)
             artifact.quantization = request.describe_quantization(artifact.quantization)
-            results.append(_verify(spec, target, artifact, log, printer, latency))
+            result = _verify(spec, target, artifact, log, printer, latency)
+            if (precision == "int8" and not result.passed and spec.triage is not None and spec.triage.enabled
+                    and triage.supports(target)):
+                result = _triage(spec, target, request, artifact, result, log, printer, latency)
+            results.append(result)
     return results
+
+
+def _triage(spec: StageSpec, target: Target, request: CompileRequest, first_artifact: CompiledArtifact,
+            first: ArtifactResult, log: StageLog,
+            printer: Callable[[str], None], latency: tuple[int, int]) -> ArtifactResult:
+    """Quantisation triage of an int8 artifact that missed its gates (`factory.triage`); the shipped attempt,
+    verified in full, with the triage record in its report entry."""
+
+    def attempt(req: CompileRequest) -> tuple[CompiledArtifact, dict[str, Any]]:
+        artifact = target.compile(req)
+        with log.stage(Stage.TRIAGE, f"{artifact.path.name} on {spec.what(target)} (observer {req.observer}, "
+                                     f"{len(req.float_layers)} float layer(s))"):
+            return artifact, spec.check(target.load_runner(artifact.path, all_threads()), artifact, target).parity
+
+    printer(f"  {first.report.file} missed its gates: quantisation triage (triage.enabled: false turns it off)")
+    chosen, artifact, record = triage.run(request, target, (first_artifact, first.report.parity),
+                                          spec.gates.get(request.precision), attempt, spec.triage, log, printer)
+    if artifact is not first_artifact:
+        artifact.quantization = chosen.describe_quantization(artifact.quantization)
+    result = _verify(spec, target, artifact, log, printer, latency)
+    record.all_int8_latency_ms = first.report.latency_ms
+    if first.report.latency_ms and result.report.latency_ms:
+        record.latency_cost_ms = {
+            threads: round(result.report.latency_ms[threads].median_ms - stats.median_ms, 4)
+            for threads, stats in first.report.latency_ms.items() if threads in result.report.latency_ms}
+    result.report.triage = record
+    return result
 
 
 def _verify(spec: StageSpec, target: Target, artifact: CompiledArtifact, log: StageLog,
             printer: Callable[[str], None], latency: tuple[int, int]) -> ArtifactResult:
     gate = spec.gates.get(artifact.precision)
     with log.stage(Stage.VERIFY, f"{artifact.path.name} on {spec.what(target)}"):
-        runner = target.load_runner(artifact.path, all_threads())
-        measured = spec.check(runner, artifact, target)
         others = []
         for runtime, other_runner in target.extra_runners(artifact.path).items():
             other = spec.check(other_runner, artifact, target)
             others.append({"verified_by": runtime, "parity": other.parity,
                            "gates": gates.evaluate(gate, other.parity)})
+        # The artifact's own runtime is checked last: a check that keeps per-artifact data (the build's plots)
+        # keeps the last call's, so the shipped artifact's own runtime wins over further runtimes and over
+        # quantisation triage's earlier attempts.
+        runner = target.load_runner(artifact.path, all_threads())
+        measured = spec.check(runner, artifact, target)
     extra = {**measured.extra, **(spec.follow_up(runner, artifact, target) if spec.follow_up else {})}
     latency_ms = None
     if target.host_latency:

@@ -240,6 +240,20 @@ def _default_gates() -> dict[str, GateConfig]:
 
 
 @dataclass
+class TriageConfig:
+    """Quantisation triage (`factory.triage`): what the build does when an int8 artifact misses its gates.
+
+    It compiles the artifact with each other activation observer, measures every layer's int8 sensitivity on
+    `faces` calibration faces (at most all of them), then keeps the most sensitive layers in float one at a
+    time, at most `max_float_layers`, until the gates pass. `enabled: false` leaves a failing artifact as it is.
+    """
+
+    enabled: bool = True
+    max_float_layers: int = 6
+    faces: int = 64
+
+
+@dataclass
 class LatencyConfig:
     """Host latency measurement settings."""
 
@@ -275,6 +289,7 @@ class Recipe:
     train: TrainConfig | None = None
     gates: dict[Precision, GateConfig] = field(default_factory=_default_gates)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
+    triage: TriageConfig = field(default_factory=TriageConfig)
     # Stages before the recogniser: read into the config type of the kind it names (`factory.pipelines`).
     pipeline: Any = field(default=None, metadata={"plugin": True})
     ablation: list[AblationRun] = field(default_factory=list)
@@ -420,6 +435,10 @@ def _check_rules(recipe: Recipe, problems: list[str]) -> None:
         problems.append(f"model.input.size: must be a positive multiple of 16, got {spec.size}")
     if recipe.model.embedding_size <= 0:
         problems.append("model.embedding_size: must be positive")
+    if recipe.triage.max_float_layers < 1:
+        problems.append("triage.max_float_layers: must be at least 1 (turn triage off with triage.enabled: false)")
+    if recipe.triage.faces < 1:
+        problems.append(f"triage.faces: must be at least 1, got {recipe.triage.faces}")
     if not recipe.targets:
         problems.append("targets: list at least one target")
     seen: set[str] = set()

@@ -145,6 +145,7 @@ def render_markdown(report: BuildReport, figures: dict[str, str] | None = None) 
     if split:
         lines += ["", *(f"`{a.file}` runs in {a.details['xnnpack_partitions']} XNNPACK partitions, not one: "
                         "the ops between them run on LiteRT's built-in kernels, which slows it down." for a in split)]
+    lines += triage_lines(artifacts)
     if report.pipeline is not None:
         if "kind" not in report.pipeline:
             raise FactoryError(f"report of {report.recipe}: its pipeline section names no kind (written before "
@@ -202,6 +203,37 @@ def _coreml_app_lines(artifacts: list[Artifact]) -> list[str]:
         "// dot product = cosine",
         "```",
     ]
+    return lines
+
+
+def triage_lines(artifacts: list[Artifact]) -> list[str]:
+    """The model card's account of quantisation triage (`factory.triage`), for artifacts that went through it."""
+    triaged = [a for a in artifacts if a.triage is not None]
+    if not triaged:
+        return []
+    lines = ["", "## Quantisation triage", "",
+             "An int8 artifact that missed its gates was compiled again with each other activation observer, "
+             "then with its most sensitive layers kept in float, one more at a time (`triage` in the recipe; "
+             "`factory/triage.py`)."]
+    for a in triaged:
+        t = a.triage
+        kept = ", ".join(f"`{name}`" for name in t.float_layers) or "none"
+        outcome = "passes its gates" if t.passed else f"still misses its gates after {len(t.attempts)} attempts"
+        cost = "; ".join(f"{k.replace('_', ' ')} {v:+.3f} ms" for k, v in (t.latency_cost_ms or {}).items())
+        lines += ["", f"### `{a.file}`", "",
+                  f"Shipped: observer `{t.observer}`, layers kept in float: {kept} (at most {t.max_float_layers}); "
+                  f"it {outcome}." + (f" Latency cost of the float layers (median, against all-int8): {cost}."
+                                      if cost else ""),
+                  "", "| attempt | observer | float layers | cosine mean | gates |", "|---|---|---|---|---|"]
+        for index, attempt in enumerate(t.attempts):
+            lines.append(f"| {index + 1} | {attempt.observer} | {len(attempt.float_layers)} | "
+                         f"{fmt(attempt.parity.get('cosine_mean'), 5)} | {gates_cell(attempt.gates)} |")
+        if t.sensitivity:
+            lines += ["", f"Most sensitive of {t.layers} quantised layers (output cosine to float with only that "
+                          f"layer quantised, on {t.sensitivity_faces} calibration faces; all layers: "
+                          f"{fmt(t.emulated_cosine_mean, 5)}):", "",
+                      "| layer | ops | cosine mean |", "|---|---|---|"]
+            lines += [f"| `{row.layer}` | {', '.join(row.ops)} | {fmt(row.cosine_mean, 5)} |" for row in t.sensitivity]
     return lines
 
 

@@ -99,6 +99,50 @@ class ParitySet:
 
 
 @dataclass
+class LayerSensitivity:
+    """int8 error of one layer alone: mean cosine of the network's output with only this layer quantised (the
+    rest float) to the float output, on the calibration faces (emulated: `factory.quant_layers.Emulation`)."""
+
+    layer: str
+    ops: list[str]
+    cosine_mean: float
+
+
+@dataclass
+class TriageAttempt:
+    """One int8 artifact compiled and checked against its gates during quantisation triage."""
+
+    observer: str
+    float_layers: list[str]
+    parity: dict[str, float | None]
+    gates: list[Gate]
+    passed: bool
+
+
+@dataclass
+class Triage:
+    """What quantisation triage did to an int8 artifact that missed its gates (`factory.triage`).
+
+    `attempts` in order (the first is the artifact as the recipe asked for it); the artifact shipped is the
+    passing attempt, or the best one when none passed. `sensitivity` lists the most sensitive layers first
+    (`sensitivity_faces` calibration faces, `layers` quantised layers measured); `latency_cost_ms` is the
+    shipped artifact's median minus the all-int8 first attempt's, per thread count.
+    """
+
+    observer: str
+    float_layers: list[str]
+    passed: bool
+    attempts: list[TriageAttempt]
+    max_float_layers: int
+    sensitivity: list[LayerSensitivity] = field(default_factory=list)
+    layers: int = 0
+    sensitivity_faces: int = 0
+    emulated_cosine_mean: float | None = None
+    all_int8_latency_ms: dict[str, LatencyStats] | None = None
+    latency_cost_ms: dict[str, float] | None = None
+
+
+@dataclass
 class Artifact:
     """One compiled and verified artifact."""
 
@@ -120,6 +164,7 @@ class Artifact:
     benchmarks: dict[str, BenchmarkParity] | None = field(default=None, metadata=OPTIONAL)
     parity_set: ParitySet | None = field(default=None, metadata=OPTIONAL)
     teacher: dict[str, Any] | None = field(default=None, metadata=OPTIONAL)  # a detector's recall vs its teacher
+    triage: Triage | None = field(default=None, metadata=OPTIONAL)  # int8 that missed its gates at first
 
     @property
     def label(self) -> str:

@@ -30,6 +30,7 @@ class Stage(enum.Enum):
     LOWER = "lower"
     SERIALIZE = "serialise"
     VERIFY = "verify"
+    TRIAGE = "triage"
     REPORT = "report"
 
 

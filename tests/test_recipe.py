@@ -95,7 +95,7 @@ def test_shipped_and_candidate_recipes_validate() -> None:
     assert "seesawfacenet.yaml: ok" in result.stdout
     assert "seesawfacenet_dw.yaml: ok" in result.stdout
     assert "mobileface_v2.yaml: ok" in result.stdout
-    assert load_recipe(folder / "seesawfacenet.yaml").data.calibration.observer == "mean_min_max"
+    assert load_recipe(folder / "seesawfacenet_dw.yaml").data.calibration.observer == "mean_min_max"
 
 
 def imported_recipe(data_root: Path) -> dict:

@@ -116,7 +116,7 @@ def test_coreml_int8_activation_ranges_count_every_calibration_face_in_any_order
 
     def embeddings(calibration: np.ndarray) -> np.ndarray:
         request = CompileRequest(tiny_backbone, MEAN, STD, 32, "int8", calibration, tmp_path / "x.mlpackage")
-        quantised = target._quantized_backbone(request)
+        quantised = request.quantized_backbone(*target.int8_quantizer(request), fold_quantize=True)
         with torch.no_grad():
             return torch.cat([quantised(x[i : i + 1]) for i in range(len(x))]).numpy()
 

@@ -39,6 +39,7 @@ class CompileRequest:
         description: One line describing the model, where the format stores one (Core ML).
         observer: How int8 activation ranges are chosen from the calibration faces (`factory.observers`).
         w8_keep_float16_up_to: w8 (weight-only int8) keeps weight tensors of at most this many elements in float.
+        float_layers: int8 leaves these layers (`factory.quant_layers`) in float: quantisation triage's choice.
     """
 
     backbone: nn.Module
@@ -55,18 +56,25 @@ class CompileRequest:
     description: str = "Face embedding model built by the mobile face-model factory"
     observer: str = "default"
     w8_keep_float16_up_to: int = 0
+    float_layers: list[str] = field(default_factory=list)
 
     @property
     def label(self) -> str:
         return self.output.name
 
     def describe_quantization(self, text: str) -> str:
-        """A target's quantisation text, naming the activation observer where the recipe chose one."""
+        """A target's quantisation text, naming the activation observer where the recipe chose one and the layers
+        quantisation triage kept in float."""
         from factory.observers import DESCRIPTIONS
 
-        if self.precision != "int8" or self.observer not in DESCRIPTIONS:
+        if self.precision != "int8":
             return text
-        return f"{text}; {DESCRIPTIONS[self.observer]}"
+        if self.observer in DESCRIPTIONS:
+            text = f"{text}; {DESCRIPTIONS[self.observer]}"
+        if self.float_layers:
+            text += (f"; {len(self.float_layers)} layer(s) kept in float by quantisation triage: "
+                     + ", ".join(self.float_layers))
+        return text
 
     @property
     def artifact_output_shape(self) -> list[int]:
@@ -87,10 +95,41 @@ class CompileRequest:
         """One calibration face as the deployed graph's example input."""
         return (torch.from_numpy(np.ascontiguousarray(self.calibration[:1])),)
 
-    def quantized_backbone(self, quantizer: object, fold_quantize: bool,
-                           backbone: nn.Module | None = None) -> nn.Module:
-        """The backbone (or a target's rewrite of it) quantised with a PT2E `quantizer`, calibrated on every
-        calibration face.
+    def normalised_calibration(self) -> np.ndarray:
+        """The calibration faces as the backbone sees them (the recipe's normalisation applied)."""
+        mean = np.asarray(self.mean, np.float32).reshape(1, -1, 1, 1)
+        std = np.asarray(self.std, np.float32).reshape(1, -1, 1, 1)
+        return np.ascontiguousarray((self.calibration - mean) / std)
+
+    def calibrated(self, quantizer: object, backbone: nn.Module | None = None) -> torch.fx.GraphModule:
+        """The backbone (or a target's rewrite of it) prepared with a PT2E `quantizer`, the recipe's activation
+        observer in place, calibrated on every calibration face (one at a time, in order)."""
+        from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+        from factory.observers import use_activation_observer
+
+        normalised = self.normalised_calibration()
+        example = (torch.from_numpy(normalised[:1]),)
+        source = self.backbone if backbone is None else backbone
+        prepared = prepare_pt2e(torch.export.export(source, example).module(), quantizer)
+        use_activation_observer(prepared, self.observer)
+        # Quantisers built for training (coremltools' inserts FakeQuantize modules) would quantise each
+        # activation with the ranges seen so far while calibrating, so later layers' ranges would depend on
+        # the order of the faces. Post-training calibration observes float activations only.
+        fake_quantizers = [m for m in prepared.modules() if hasattr(m, "disable_fake_quant")]
+        for module in fake_quantizers:
+            module.disable_fake_quant()
+        with torch.no_grad():
+            for index in range(len(normalised)):
+                prepared(torch.from_numpy(normalised[index : index + 1]))
+        for module in fake_quantizers:
+            module.enable_fake_quant()
+        return prepared
+
+    def quantized_backbone(self, quantizer: object, backbone: nn.Module | None = None, *,
+                           fold_quantize: bool) -> nn.Module:
+        """The backbone (or a target's rewrite of it) quantised with a PT2E `quantizer` (`calibrated`), leaving
+        the request's `float_layers` in float (`factory.quant_layers.keep_float`).
 
         `fold_quantize` stores int8 weights directly (XNNPACK wants this); litert-torch instead
         wants float weights followed by an explicit quantise op, which it folds itself.
@@ -98,29 +137,19 @@ class CompileRequest:
         Only the backbone is quantised; the deployed graph's float pre- and post-processing wrap it
         afterwards, which keeps the artifact's inputs and outputs float32.
         """
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-        from factory.observers import use_activation_observer
+        from factory.quant_layers import keep_float, quantised_layers
 
-        mean = np.asarray(self.mean, np.float32).reshape(1, -1, 1, 1)
-        std = np.asarray(self.std, np.float32).reshape(1, -1, 1, 1)
-        normalised = (self.calibration - mean) / std
-        example = (torch.from_numpy(np.ascontiguousarray(normalised[:1])),)
-        with self.stages.stage(Stage.QUANTIZE, f"{self.label}: {len(normalised)} calibration faces"):
-            source = self.backbone if backbone is None else backbone
-            prepared = prepare_pt2e(torch.export.export(source, example).module(), quantizer)
-            use_activation_observer(prepared, self.observer)
-            # Quantisers built for training (coremltools' inserts FakeQuantize modules) would quantise each
-            # activation with the ranges seen so far while calibrating, so later layers' ranges would depend on
-            # the order of the faces. Post-training calibration observes float activations only.
-            fake_quantizers = [m for m in prepared.modules() if hasattr(m, "disable_fake_quant")]
-            for module in fake_quantizers:
-                module.disable_fake_quant()
-            with torch.no_grad():
-                for index in range(len(normalised)):
-                    prepared(torch.from_numpy(np.ascontiguousarray(normalised[index : index + 1])))
-            for module in fake_quantizers:
-                module.enable_fake_quant()
+        what = f"{self.label}: {len(self.calibration)} calibration faces"
+        if self.float_layers:
+            what += f", {len(self.float_layers)} layer(s) kept in float"
+        with self.stages.stage(Stage.QUANTIZE, what):
+            prepared = self.calibrated(keep_float(quantizer, self.float_layers), backbone)
+            still = sorted(set(self.float_layers) & set(quantised_layers(prepared)))
+            if still:
+                raise FactoryError(f"{self.label}: the quantiser quantised layer(s) {still} that were to stay in "
+                                   "float; this target's quantiser does not support keeping layers in float")
             return convert_pt2e(prepared, fold_quantize=fold_quantize)
 
 
@@ -154,6 +183,10 @@ class Target(Protocol):
 
     def compile(self, request: CompileRequest) -> CompiledArtifact:
         """Write the artifact to `request.output` (atomically) and describe it."""
+
+    def int8_quantizer(self, request: CompileRequest) -> tuple[object, nn.Module]:
+        """For a target with int8: a fresh PT2E quantiser and the network it quantises (the request's backbone,
+        or the target's rewrite of it); what `compile` quantises and quantisation triage analyses."""
 
     def load_runner(self, path: Path, threads: int | None = None) -> Runner:
         """A host runner for the artifact (every format runs on every host: Core ML off macOS in the interpreter)."""

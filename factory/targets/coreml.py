@@ -59,7 +59,9 @@ class CoreMLTarget:
 
     def compile(self, request: CompileRequest) -> CompiledArtifact:
         example = request.example_pixels()
-        backbone = self._quantized_backbone(request) if request.precision == "int8" else None
+        backbone = None
+        if request.precision == "int8":
+            backbone = request.quantized_backbone(*self.int8_quantizer(request), fold_quantize=True)
         with request.stages.stage(Stage.EXPORT, request.label):
             exported = torch.export.export(request.deployable(backbone), example).run_decompositions({})
         shape = tuple(example[0].shape)
@@ -87,7 +89,8 @@ class CoreMLTarget:
         )
 
     @staticmethod
-    def _quantized_backbone(request: CompileRequest) -> torch.nn.Module:
+    def int8_quantizer(request: CompileRequest) -> tuple[object, torch.nn.Module]:
+        """A fresh PT2E quantiser for int8, and the network it quantises (the backbone)."""
         import coremltools.optimize.torch.quantization as ctq
         from executorch.backends.apple.coreml.quantizer import CoreMLQuantizer
 
@@ -102,7 +105,7 @@ class CoreMLTarget:
             quantization_scheme="affine", activation_dtype=torch.quint8, weight_dtype=torch.qint8,
             weight_per_channel=True, activation_observer="min_max",
         ))
-        return request.quantized_backbone(CoreMLQuantizer(config), fold_quantize=True)
+        return CoreMLQuantizer(config), request.backbone
 
     @staticmethod
     def _convert(exported: torch.export.ExportedProgram, shape: tuple[int, ...], precision: str,

@@ -42,16 +42,11 @@ class ExecuTorchTarget:
 
     def compile(self, request: CompileRequest) -> CompiledArtifact:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-            XNNPACKQuantizer,
-            get_symmetric_quantization_config,
-        )
         from executorch.exir import to_edge_transform_and_lower
 
         backbone = request.backbone
         if request.precision == "int8":
-            quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-            backbone = request.quantized_backbone(quantizer, fold_quantize=True)
+            backbone = request.quantized_backbone(*self.int8_quantizer(request), fold_quantize=True)
         with request.stages.stage(Stage.EXPORT, request.label):
             exported = torch.export.export(request.deployable(backbone), request.example_pixels())
         with request.stages.stage(Stage.LOWER, f"{request.label}: XNNPACK partitioner"):
@@ -72,6 +67,16 @@ class ExecuTorchTarget:
             if getattr(n.target, "__name__", "") == "executorch_call_delegate"
         )
         return artifact
+
+    @staticmethod
+    def int8_quantizer(request: CompileRequest) -> tuple[object, torch.nn.Module]:
+        """A fresh PT2E quantiser for int8, and the network it quantises (the backbone)."""
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+            XNNPACKQuantizer,
+            get_symmetric_quantization_config,
+        )
+
+        return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True)), request.backbone
 
     def describe(self, path: Path, precision: str) -> CompiledArtifact:
         """Read the program's real I/O metadata back from the file."""

@@ -88,17 +88,13 @@ class TFLiteTarget:
 
     def compile(self, request: CompileRequest) -> CompiledArtifact:
         import litert_torch
-        from litert_torch.quantize import pt2e_quantizer
         from litert_torch.quantize.quant_config import QuantConfig
 
         quant_config = None
         backbone = request.backbone
         if request.precision == "int8":
-            quantizer = _quantizer().set_global(
-                pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
-            )
-            backbone = request.quantized_backbone(quantizer, fold_quantize=False,
-                                                  backbone=gate_hardswish(request.backbone))
+            quantizer, source = self.int8_quantizer(request)
+            backbone = request.quantized_backbone(quantizer, fold_quantize=False, backbone=source)
             quant_config = QuantConfig(pt2e_quantizer=quantizer)
         module = litert_torch.to_channel_last_io(request.deployable(backbone), args=[0])
         example = (request.example_pixels()[0].permute(0, 2, 3, 1).contiguous(),)
@@ -108,6 +104,15 @@ class TFLiteTarget:
         with request.stages.stage(Stage.SERIALIZE, request.label), atomic_path(request.output) as tmp:
             edge_model.export(str(tmp))
         return self.describe(request.output, request.precision)
+
+    @staticmethod
+    def int8_quantizer(request: CompileRequest) -> tuple[object, nn.Module]:
+        """A fresh PT2E quantiser for int8, and the network it quantises (the backbone with `gate_hardswish`)."""
+        from litert_torch.quantize import pt2e_quantizer
+
+        quantizer = _quantizer().set_global(
+            pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
+        return quantizer, gate_hardswish(request.backbone)
 
     @staticmethod
     def xnnpack_partitions(path: Path) -> int:
