@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from factory.deploy import Embedder
-from factory.evaluation import EvaluationSet, torch_embeddings
+from factory.evaluation import EvaluationSet
 from factory.models import load_backbone
 from factory.recipe import Recipe
+from factory.reference_cache import reference_embeddings
 from factory.weights import sha256_of, training_summary
 
 
@@ -49,7 +50,7 @@ def ablation_rows(recipe: Recipe, evaluation: EvaluationSet) -> list[dict[str, A
         path = recipe.resolve(run.weights.path)
         backbone = load_backbone(recipe, path, run.weights.sha256)
         embedder = Embedder(backbone, spec.mean, spec.std, recipe.model.embedding_size).eval()
-        verification = evaluation.verification(torch_embeddings(embedder, pixels))
+        verification = evaluation.verification(reference_embeddings(embedder, pixels)[0])
         rows.append({
             "label": run.label, "weights": run.weights.path, "sha256": sha256_of(path),
             **training_row(training_summary(path)),

@@ -24,7 +24,7 @@ from factory.artifacts import Check, StageSpec, compile_and_verify
 from factory.data import load_images, read_split, sample_paths
 from factory.deploy import Embedder
 from factory.errors import FactoryError
-from factory.evaluation import EvaluationSet, load_evaluation_set, load_pair_set, torch_embeddings
+from factory.evaluation import EvaluationSet, load_evaluation_set, load_pair_set
 from factory.golden import write_golden
 from factory.io import display_path, write_text_atomic
 from factory.latency import all_threads, latency_rows
@@ -35,6 +35,7 @@ from factory.pipelines import PipelineInputs, PipelineOutput, pipeline_kind
 from factory.plots import plot_cosine_histograms, plot_roc
 from factory.profile import count_macs, count_parameters
 from factory.recipe import MIN_CALIBRATION_FACES, Recipe, data_path
+from factory.reference_cache import reference_embeddings
 from factory.report import write_reports
 from factory.report_schema import BuildReport, from_data
 from factory.stages import Stage, StageLog, console_printer, output_to
@@ -149,13 +150,14 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
             f"{len(calibration_paths)} calibration faces")
 
     with log.stage(Stage.VERIFY, "PyTorch fp32 reference"):
-        reference = torch_embeddings(reference_model, evaluation.pixels("NCHW"))
+        reference, cached = reference_embeddings(reference_model, evaluation.pixels("NCHW"))
         ref_verification = evaluation.verification(reference)
-    printer(f"  reference LFW accuracy {ref_verification['accuracy']:.4f} ± {ref_verification['accuracy_std']:.4f}")
+    printer(f"  reference LFW accuracy {ref_verification['accuracy']:.4f} ± {ref_verification['accuracy_std']:.4f}"
+            + (" (embeddings from the reference cache)" if cached else ""))
     benchmark_reference = {}
     for name, pair_set in benchmarks.items():
         with log.stage(Stage.VERIFY, f"PyTorch fp32 reference on benchmark {name}"):
-            embeddings = torch_embeddings(reference_model, pair_set.pixels("NCHW"))
+            embeddings, _ = reference_embeddings(reference_model, pair_set.pixels("NCHW"))
             benchmark_reference[name] = pair_set.verification(embeddings)
         printer(f"  reference {name} accuracy {benchmark_reference[name]['accuracy']:.4f}")
     ablation = []

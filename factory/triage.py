@@ -1,8 +1,8 @@
 """Quantisation triage: what a build does when an int8 artifact misses its gates, instead of just failing.
 
 1. **Observers.** The artifact is compiled again with each other activation observer (`factory.observers`)
-   and checked against its gates. The best attempt's observer (most gates passed, then the highest mean
-   cosine) is kept for the next steps.
+   and checked against its gates. The best attempt's observer (`_score`: the highest mean cosine) is kept for
+   the next steps.
 2. **Sensitivity.** With that observer, every quantised layer (`factory.quant_layers`) is quantised alone, the
    rest of the network float, in an emulation of the target's own quantiser calibrated on every calibration
    face; the mean cosine of the network's output to the float output on the first `faces` calibration faces is
@@ -73,10 +73,13 @@ def sensitivity(target: Target, request: CompileRequest, faces: int,
     return rows, everything, faces
 
 
-def _score(attempt: TriageAttempt) -> tuple[int, float]:
-    """Gates passed, then mean cosine: the order in which attempts are preferred."""
+def _score(attempt: TriageAttempt) -> tuple[float, int, float]:
+    """The order in which attempts are preferred: the highest mean cosine to the fp32 reference (the measure of
+    int8 error itself; an accuracy drop on a subset of pairs moves in steps of a few pairs), then the most gates
+    passed, then the sum of their margins (stages whose parity has no cosine)."""
     cosine = attempt.parity.get("cosine_mean")
-    return sum(bool(g.passed) for g in attempt.gates), float(cosine) if cosine is not None else 0.0
+    margins = sum(g.margin or 0.0 for g in attempt.gates)
+    return (float(cosine) if cosine is not None else 0.0), sum(bool(g.passed) for g in attempt.gates), margins
 
 
 def run(request: CompileRequest, target: Target, first: tuple[CompiledArtifact, dict[str, Any]], gate: object,

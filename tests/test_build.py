@@ -114,6 +114,7 @@ def test_a_failed_gate_exits_1_and_still_reports_which_and_by_how_much(tmp_path:
         tmp_path, faces_root,
         targets=[{"format": "tflite", "precisions": ["int8"]}],
         gates={"int8": {"cosine_mean_min": 0.99999}},
+        triage={"max_float_layers": 1, "faces": 8},
     )
     out = tmp_path / "build"
     result = run_build(recipe, out)
@@ -125,6 +126,12 @@ def test_a_failed_gate_exits_1_and_still_reports_which_and_by_how_much(tmp_path:
     assert not gate["passed"] and gate["value"] < 0.99999 and gate["margin"] < 0
     assert "**FAIL**" in (out / "report.md").read_text()
     assert (out / "manifest.json").is_file(), "a gate failure still describes the artifacts it built"
+    # Before failing, quantisation triage tried the other observers and one float layer, and says so.
+    triage = report["artifacts"][0]["triage"]
+    assert [len(a["float_layers"]) for a in triage["attempts"]] == [0, 0, 0, 1] and not triage["passed"]
+    assert triage["sensitivity_faces"] == 8 and triage["layers"] > 20
+    assert triage["attempts"][-1]["float_layers"] == [triage["sensitivity"][0]["layer"]]
+    assert "quantisation triage" in result.stdout and "## Quantisation triage" in (out / "report.md").read_text()
 
 
 def test_corrupt_weights_fail_cleanly_with_nothing_written(tmp_path: Path, faces_root: Path) -> None:
