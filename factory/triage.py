@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from factory import gates
+from factory.metrics import cosine_rows
 from factory.observers import observer_names
 from factory.report_schema import Gate, LayerSensitivity, Triage, TriageAttempt, from_data
 from factory.stages import Stage, StageLog
@@ -46,8 +47,7 @@ def supports(target: Target) -> bool:
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    return (a64 * b64).sum(1) / np.linalg.norm(a64, axis=1) / np.linalg.norm(b64, axis=1)
+    return cosine_rows(a.astype(np.float64), b.astype(np.float64))
 
 
 def sensitivity(target: Target, request: CompileRequest, faces: int,
