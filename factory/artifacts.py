@@ -212,18 +212,22 @@ def _verify(spec: StageSpec, target: Target, artifact: CompiledArtifact, log: St
         runner = target.load_runner(artifact.path, all_threads())
         measured = spec.check(runner, artifact, target)
     extra = {**measured.extra, **(spec.follow_up(runner, artifact, target) if spec.follow_up else {})}
-    latency_ms = None
+    latency_ms = op_profile = None
     if target.host_latency:
         with log.stage(Stage.VERIFY, f"{artifact.path.name} latency"):
             example = in_layout(spec.latency_input[:1], artifact.input_layout)
             latency_ms = latency_rows(artifact_call(target, artifact.path, example), *latency)
+        profile = getattr(target, "op_profile", None)  # runtimes with a per-operator event tracer
+        if profile is not None:
+            with log.stage(Stage.VERIFY, f"{artifact.path.name} per-op profile (1 thread)"):
+                op_profile = profile(artifact.path, example, 1)
     entry = {
         "file": artifact.path.name, "format": artifact.format, "precision": artifact.precision,
         "bytes": artifact_bytes(artifact.path), "sha256": sha256_of(artifact.path),
         "quantization": artifact.quantization, "runtime": target.runtime_name, "io": _io(artifact),
         "details": artifact.details, "verified_by": target.runtime_name, "status": "verified",
         "parity": measured.parity, "gates": gates.evaluate(gate, measured.parity), "latency_ms": latency_ms,
-        "other_runtimes": others, **extra,
+        "other_runtimes": others, **({"op_profile": op_profile} if op_profile else {}), **extra,
     }
     # The entry is read into the report's type here: a measurement the report has no key for fails at once.
     result = ArtifactResult(artifact.path, target, from_data(Artifact, entry, f"artifact {artifact.path.name}"))

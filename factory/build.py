@@ -7,6 +7,7 @@ that stops half way is visible as "no manifest", never as a manifest describing 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 from collections.abc import Callable
@@ -40,6 +41,7 @@ from factory.report import write_reports
 from factory.report_schema import BuildReport, from_data
 from factory.stages import Stage, StageLog, console_printer, output_to
 from factory.targets import CompiledArtifact, Runner, Target
+from factory.weights import sha256_of
 
 TOOL_PACKAGES = ("torch", "executorch", "litert-torch", "ai-edge-litert", "coremltools", "onnxruntime", "numpy")
 
@@ -283,6 +285,7 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
         "artifacts": artifacts,
         **({"pipeline": pipeline.section} if pipeline is not None else {}),
         **({"ablation": ablation} if ablation else {}),
+        "inputs": build_inputs(recipe, calibration, calibration_paths, evaluation),
         "stages": log.records,
     }
     with log.stage(Stage.REPORT, str(out)):
@@ -297,6 +300,61 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
         manifest["golden"] = write_golden(out, evaluation, reference, ref_verification["threshold"])
         write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return BuildResult(out, typed, log.records)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _face_list(paths: list[Path], root: Path) -> str:
+    """sha256 of the faces' names, one per line in the order used, relative to the data root where they lie in it."""
+    def name(path: Path) -> str:
+        resolved = path.resolve()
+        return resolved.relative_to(root).as_posix() if resolved.is_relative_to(root) else resolved.as_posix()
+
+    return _sha256("\n".join(name(p) for p in paths).encode())
+
+
+def build_inputs(recipe: Recipe, calibration: np.ndarray, calibration_paths: list[Path],
+                 evaluation: EvaluationSet) -> dict[str, Any]:
+    """What determines the artifacts' bytes and numbers, so two builds can be compared (`docs/reproducibility.md`).
+
+    The recipe is hashed twice: the file as written, and its resolved form (every default filled in, the
+    checkout-dependent path left out). Faces are hashed by their names in order and by the exact pixel array
+    the quantisers and verifiers saw (a re-encoded or re-aligned image changes the latter only). The tool
+    versions and the CPU model complete it: kernels are chosen by CPU features, so int8 calibration ranges
+    may differ in their last bits on another CPU.
+    """
+    resolved = {key: value for key, value in recipe.to_dict().items() if key != "path"}
+    root = recipe.resolve(recipe.data.root)
+    weights = recipe.resolve(recipe.weights.path) if recipe.weights is not None else None
+    return {
+        "recipe_file_sha256": sha256_of(recipe.path),
+        "resolved_recipe_sha256": _sha256(json.dumps(resolved, sort_keys=True).encode()),
+        "weights_sha256": sha256_of(weights) if weights is not None and weights.is_file() else None,
+        "calibration_faces": {"count": len(calibration_paths), "list_sha256": _face_list(calibration_paths, root),
+                              "pixels_sha256": _sha256(np.ascontiguousarray(calibration).tobytes())},
+        "evaluation_faces": {"count": len(evaluation.paths), "list_sha256": _face_list(evaluation.paths, root),
+                             "pixels_sha256": _sha256(np.ascontiguousarray(evaluation.pixels("NCHW")).tobytes())},
+        "tools": tool_versions(),
+        "cpu": cpu_model(),
+    }
+
+
+def cpu_model() -> str:
+    """The CPU's model name and a digest of its feature flags (Linux: /proc/cpuinfo; virtual machines often
+    report a vague name, and kernels are chosen by the flags), else what the platform module knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    fields: dict[str, str] = {}
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or fields.get("Model") or fields.get("Hardware")
+    flags = fields.get("flags") or fields.get("Features")
+    if name is None:
+        return platform.processor() or platform.machine()
+    return f"{name}; feature flags sha256 {_sha256(flags.encode())[:12]}" if flags else name
 
 
 def _manifest(recipe: Recipe, report: dict[str, Any]) -> dict[str, Any]:
@@ -334,5 +392,6 @@ def _manifest(recipe: Recipe, report: dict[str, Any]) -> dict[str, Any]:
                     else {"imported_from": imported["source"], "licence": imported["licence"],
                           "source_files_sha256": imported["files"]}),
         "tools": tool_versions(),
+        "inputs": report["inputs"],
         "resolved_recipe": recipe.to_dict(),
     }

@@ -9,7 +9,8 @@ data did not change (a new quantiser setting, a new target) gives the same embed
 - the deployed graph's source (`factory/deploy.py`) and its normalisation constants;
 - the faces themselves (sha256 of the pixel array the reference runs on, so a changed image, crop or
   colour order misses the cache);
-- the batch size, torch's version and its intra-op thread count (kernels may round differently).
+- the batch size, memory layout and threading (`factory.parallel`: one intra-op thread per batch, so the core
+  count does not matter) and torch's version (kernels may round differently).
 
 A hit returns exactly the array a cold run computed with the same inputs (tests check it against a cold run).
 A cache file that does not read back is an error naming it. `FACTORY_REFERENCE_CACHE=off` turns the cache off.
@@ -27,10 +28,8 @@ import torch
 
 from factory.deploy import Embedder
 from factory.errors import FactoryError
-from factory.evaluation import torch_embeddings
+from factory.evaluation import REFERENCE_BATCH, REFERENCE_LAYOUT, torch_embeddings
 from factory.io import atomic_path
-
-BATCH = 64
 
 
 def enabled() -> bool:
@@ -60,7 +59,7 @@ def cache_key(model: Embedder, pixels: np.ndarray) -> str:
     for obj in (type(backbone), Embedder):
         digest.update(_source(obj))
     digest.update(np.ascontiguousarray(pixels).tobytes())
-    digest.update(f"{pixels.shape} {pixels.dtype} {BATCH} {torch.__version__} {torch.get_num_threads()}".encode())
+    digest.update(f"{pixels.shape} {pixels.dtype} {REFERENCE_BATCH} {REFERENCE_LAYOUT} {torch.__version__}".encode())
     return digest.hexdigest()
 
 
@@ -68,7 +67,7 @@ def reference_embeddings(model: Embedder, pixels_nchw: np.ndarray,
                          folder: Path | None = None) -> tuple[np.ndarray, bool]:
     """The reference's embeddings of `pixels_nchw` and whether they came from the cache."""
     if not enabled():
-        return torch_embeddings(model, pixels_nchw, BATCH), False
+        return torch_embeddings(model, pixels_nchw), False
     path = (folder or default_dir()) / f"{cache_key(model, pixels_nchw)}.npy"
     if path.exists():
         try:
@@ -80,7 +79,7 @@ def reference_embeddings(model: Embedder, pixels_nchw: np.ndarray,
             raise FactoryError(f"reference embedding cache file {path} holds {cached.shape[0]} embeddings for "
                                f"{len(pixels_nchw)} faces; delete it and the build computes it again")
         return cached, True
-    embeddings = torch_embeddings(model, pixels_nchw, BATCH)
+    embeddings = torch_embeddings(model, pixels_nchw)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, tmp.open("wb") as handle:
         np.save(handle, embeddings, allow_pickle=False)

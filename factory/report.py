@@ -146,11 +146,13 @@ def render_markdown(report: BuildReport, figures: dict[str, str] | None = None) 
         lines += ["", *(f"`{a.file}` runs in {a.details['xnnpack_partitions']} XNNPACK partitions, not one: "
                         "the ops between them run on LiteRT's built-in kernels, which slows it down." for a in split)]
     lines += triage_lines(artifacts)
+    lines += op_profile_lines(artifacts)
     if report.pipeline is not None:
         if "kind" not in report.pipeline:
             raise FactoryError(f"report of {report.recipe}: its pipeline section names no kind (written before "
                                "pipeline kinds existed); rebuild the recipe")
         lines += pipeline_kind(report.pipeline["kind"]).card_lines(report.pipeline)
+    lines += _inputs_lines(report.inputs)
     lines += ["", "## Build stages", "", "| stage | subject | seconds |", "|---|---|---|"]
     lines += [f"| {r.stage} | {r.subject} | {r.seconds} |" for r in report.stages]
     return "\n".join(lines) + "\n"
@@ -206,6 +208,27 @@ def _coreml_app_lines(artifacts: list[Artifact]) -> list[str]:
     return lines
 
 
+def op_profile_lines(artifacts: list[Artifact]) -> list[str]:
+    """The ten slowest operator kinds of each artifact whose runtime has a per-operator tracer."""
+    profiled = [a for a in artifacts if a.op_profile is not None]
+    if not profiled:
+        return []
+    first = profiled[0].op_profile
+    lines = ["", "## Per-op profile", "",
+             f"One inference at batch 1, {first.threads} thread, median of {first.runs} runs per operator, from "
+             f"{first.tool}. `Convert` ops are int8 <-> float conversions around float-only operators. LiteRT's "
+             "Python interpreter has no per-operator tracer; on a phone, `benchmark_model "
+             "--enable_op_profiling=true` gives the .tflite's."]
+    for artifact in profiled:
+        profile = artifact.op_profile
+        lines += ["", f"`{artifact.file}`: {profile.total_ms:.3f} ms, {profile.ops} operators "
+                  f"({profile.outside_ops_ms:.3f} ms in the runtime around them)", "",
+                  "| operator | count | ms | share |", "|---|---|---|---|"]
+        lines += [f"| {op.op}{'' if op.delegated else ' (not delegated)'} | {op.count} | {op.ms:.3f} | "
+                  f"{op.share:.1%} |" for op in profile.top]
+    return lines
+
+
 def triage_lines(artifacts: list[Artifact]) -> list[str]:
     """The model card's account of quantisation triage (`factory.triage`), for artifacts that went through it."""
     triaged = [a for a in artifacts if a.triage is not None]
@@ -235,6 +258,24 @@ def triage_lines(artifacts: list[Artifact]) -> list[str]:
                       "| layer | ops | cosine mean |", "|---|---|---|"]
             lines += [f"| `{row.layer}` | {', '.join(row.ops)} | {fmt(row.cosine_mean, 5)} |" for row in t.sensitivity]
     return lines
+
+
+def _inputs_lines(inputs: dict[str, Any] | None) -> list[str]:
+    """What determined this build's artifacts: a rebuild with the same inputs writes the same bytes."""
+    if not inputs:
+        return []
+    faces = [f"{name.replace('_', ' ')}: {inputs[key]['count']} (names `{inputs[key]['list_sha256'][:12]}…`, "
+             f"pixels `{inputs[key]['pixels_sha256'][:12]}…`)"
+             for key, name in (("calibration_faces", "calibration faces"), ("evaluation_faces", "evaluation faces"))]
+    weights = f"`{inputs['weights_sha256'][:12]}…`" if inputs.get("weights_sha256") else "imported"
+    tools = ", ".join(f"{name} {version}" for name, version in inputs["tools"].items())
+    return ["", "## Build inputs", "",
+            "A rebuild with the same inputs on the same CPU model writes byte-identical artifacts "
+            "([docs/reproducibility.md](../../docs/reproducibility.md)); full digests in report.json and "
+            "manifest.json.",
+            "", f"- Recipe file `{inputs['recipe_file_sha256'][:12]}…`, resolved recipe "
+            f"`{inputs['resolved_recipe_sha256'][:12]}…`; weights {weights}.",
+            *(f"- {line}." for line in faces), f"- Tools: {tools}.", f"- CPU: {inputs['cpu']}."]
 
 
 def gates_cell(gates: list[Gate]) -> str:

@@ -165,6 +165,7 @@ class Artifact:
     parity_set: ParitySet | None = field(default=None, metadata=OPTIONAL)
     teacher: dict[str, Any] | None = field(default=None, metadata=OPTIONAL)  # a detector's recall vs its teacher
     triage: Triage | None = field(default=None, metadata=OPTIONAL)  # int8 that missed its gates at first
+    op_profile: OpProfile | None = field(default=None, metadata=OPTIONAL)  # runtimes with a per-op tracer
 
     @property
     def label(self) -> str:
@@ -173,6 +174,28 @@ class Artifact:
     @property
     def passed(self) -> bool:
         return all(g.passed for row in (self, *(self.other_runtimes or [])) for g in row.gates)
+
+
+@dataclass
+class ProfiledOp:
+    op: str  # the runtime's operator kind, e.g. XNNPACK's "Convolution (NHWC, QC8) DWConv"
+    count: int  # instances in one inference
+    ms: float  # summed over the instances, median over the profiled inferences
+    share: float  # of the whole inference
+    delegated: bool
+
+
+@dataclass
+class OpProfile:
+    """Where one inference's time goes, per operator kind (ten slowest kinds)."""
+
+    tool: str
+    threads: int
+    runs: int
+    ops: int
+    total_ms: float
+    outside_ops_ms: float  # the runtime's own time around the operators
+    top: list[ProfiledOp]
 
 
 @dataclass
@@ -311,6 +334,8 @@ class BuildReport:
     stages: list[StageRecord]
     pipeline: dict[str, Any] | None = field(default=None, metadata=OPTIONAL)  # a pipeline kind's own section
     ablation: list[AblationRow] | None = field(default=None, metadata=OPTIONAL)
+    # What determines the artifacts (`factory.build.build_inputs`); reports from before it lack it.
+    inputs: dict[str, Any] | None = field(default=None, metadata=OPTIONAL)
 
     @property
     def passed(self) -> bool:

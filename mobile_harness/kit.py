@@ -12,17 +12,20 @@ from pathlib import Path
 RUNNERS = Path(__file__).resolve().parent / "runners"
 
 # Which binaries each artifact format needs on the phone. The official tools do parity and latency;
-# tflite_embed, when present, adds per-run percentiles to .tflite rows (benchmark_model prints
-# avg/std/min/max only) and stands in for a benchmark_model too old to write outputs.
+# tflite_embed, when present, adds per-run percentiles to .tflite rows where the kit's benchmark_model
+# is a build that prints none (current LiteRT builds print p5/median/p95), and stands in for a
+# benchmark_model too old to write outputs.
 NEEDED = {"tflite": ("benchmark_model",), "executorch": ("executor_runner",)}
 OPTIONAL = {"tflite": ("tflite_embed",)}
 
 HOW_TO_GET = {
     "benchmark_model": (
-        "LiteRT's official benchmark tool: download the prebuilt Android binary "
-        "(https://storage.googleapis.com/tensorflow-nightly-public/prod/tensorflow/release/lite/tools/nightly/"
-        "latest/android_{arch}_benchmark_model) to {path}, or build it from source with "
-        "`mobile_harness/runners/build_kit.sh benchmark_model {abi}` (bazel + Android NDK)"
+        "LiteRT's official benchmark tool, prebuilt for Android (arm64-v8a and armeabi-v7a): "
+        "`mobile_harness/runners/build_kit.sh benchmark_model {abi}` downloads android_{arch}_benchmark_model "
+        "to {path} and keeps it only if its sha256 is the one pinned at the top of that script (the download "
+        "URL is set there too); for another ABI build it from a TensorFlow "
+        "checkout with bazel (`bazel build -c opt --config=android_x86_64 "
+        "//tensorflow/lite/tools/benchmark:benchmark_model`, the --config naming {abi}'s CPU)"
     ),
     "executor_runner": (
         "ExecuTorch's executor_runner with XNNPACK: `mobile_harness/runners/build_kit.sh executor_runner {abi}` "

@@ -34,13 +34,17 @@ import numpy as np
 from mobile_harness.adb import Adb, AdbError, Device, DeviceGone, ShellTimeout
 from mobile_harness.kit import KitError, kit_binaries
 from mobile_harness.latency import (
+    OFF_CPU_DELEGATES,
+    DelegateNotApplied,
     RunnerOutputError,
     executor_runner_total,
     has_iteration_lines,
+    not_applied_reason,
     parse_benchmark_model,
     parse_executor_runner,
     parse_executor_runner_totals,
     parse_tflite_embed,
+    require_delegation,
 )
 from mobile_harness.manifest import Golden, load_golden, load_manifest
 from mobile_harness.parity import evaluate_gates, parity
@@ -56,6 +60,12 @@ PROPS = {"model": "ro.product.model", "soc": "ro.soc.model", "board": "ro.board.
 GOVERNOR = "/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"
 # Thermal status codes of android.os.PowerManager (THERMAL_STATUS_*).
 THERMAL_STATUS = {0: "none", 1: "light", 2: "moderate", 3: "severe", 4: "critical", 5: "emergency", 6: "shutdown"}
+# Signals a runner dies of, by number (an exit status above 128 is 128 + the signal).
+SIGNALS = {4: "SIGILL", 6: "SIGABRT", 7: "SIGBUS", 8: "SIGFPE", 9: "SIGKILL", 11: "SIGSEGV", 15: "SIGTERM"}
+# A runner's own words for why it stopped: an abort (TFLITE_LOG(FATAL), a failed check), else an error line;
+# benchmark_model's closing "Benchmarking failed." names nothing.
+_FATAL_LINE = re.compile(r"^.*\b(?:FATAL|Check failed)\b.*$", re.M)
+_ERROR_LINE = re.compile(r"^.*\bERROR\b(?!: Benchmarking failed).*$", re.M)
 
 
 @dataclass
@@ -127,6 +137,25 @@ def _sha256(path: Path) -> str:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def runner_failure(tool: str, label: str, exit_code: int, output: str) -> str:
+    """One reason for a runner that exited `exit_code`: how it ended, and the line of its log naming the problem
+    (its FATAL or check-failure line when it aborted, else its first ERROR line), else its last output."""
+    ending = f"exit {exit_code}"
+    if exit_code > 128:
+        number = exit_code - 128
+        ending += f", killed by signal {number}" + (f" ({SIGNALS[number]})" if number in SIGNALS else "")
+    problem = _FATAL_LINE.search(output) or _ERROR_LINE.search(output)
+    said = problem.group(0).strip() if problem else f"last output: {output.strip()[-300:]!r}"
+    return f"{tool} failed on {label} ({ending}): {said}"
+
+
+def value_file_item(name: str, path: str) -> str:
+    """An `--input_layer_value_files` item: benchmark_model splits `name:path` at its single ':' and reads '::'
+    as a ':' of the name or path (SplitInputLayerNameAndValueFile). Only this flag escapes; `--input_layer`
+    takes the name as it is."""
+    return f"{name.replace(':', '::')}:{path.replace(':', '::')}"
 
 
 def result_path(build_dir: Path, serial: str) -> Path:
@@ -360,9 +389,7 @@ class DeviceRun:
         if result.exit_code != 0:
             details = {"exit_code": result.exit_code, "output_tail": result.output[-2000:],
                        "logcat_tail": self.device.shell("logcat -d -t 60", timeout=60).output[-4000:]}
-            signal_note = f", killed by signal {result.exit_code - 128}" if result.exit_code > 128 else ""
-            raise DeviceFailure("run", f"{tool} failed on {label} (exit {result.exit_code}{signal_note}); "
-                                f"last output: {result.output.strip()[-300:]!r}", details)
+            raise DeviceFailure("run", runner_failure(tool, label, result.exit_code, result.output), details)
         return result.output
 
     def run_artifact(self, artifact: dict[str, Any]) -> None:
@@ -391,13 +418,13 @@ class DeviceRun:
     def embed_tflite(self, artifact: dict[str, Any]) -> np.ndarray:
         """LiteRT's benchmark_model, one face per run: `--input_layer_value_files` in, `--output_filepath` out."""
         io = artifact["io"]["input"]
-        # benchmark_model splits `name:file` at a single ':'; a ':' inside the name is written '::'.
-        name = io["name"].replace(":", "::")
         command = ("./benchmark_model " + " ".join(shlex.quote(a) for a in [
             f"--graph={artifact['file']}", f"--num_threads={self.options.threads[0]}", "--use_xnnpack=true",
-            "--warmup_runs=0", "--warmup_min_secs=0", "--num_runs=1", "--min_secs=0", f"--input_layer={name}",
+            "--warmup_runs=0", "--warmup_min_secs=0", "--num_runs=1", "--min_secs=0", f"--input_layer={io['name']}",
             f"--input_layer_shape={','.join(str(d) for d in io['shape'])}"])
-            + f" --input_layer_value_files={shlex.quote(name)}:@IN@ --output_filepath=@OUT@")
+            # The face's file follows unquoted, so that the parity script's $0 in it expands; it holds no ':'.
+            + " " + shlex.quote("--input_layer_value_files=" + value_file_item(io["name"], "")) + "@IN@"
+            + " --output_filepath=@OUT@")
         try:
             return self.embed_per_face(artifact, "benchmark_model", command, "@OUT@")
         except DeviceFailure as failure:
@@ -431,8 +458,9 @@ class DeviceRun:
         file the tool writes for @OUT@. A run that exits 0 without writing it ends the script with
         `NO_OUTPUT_FILE`.
         """
-        # tiny_fp32.tflite and tiny_fp32.pte share a stem; their folders and scripts must not.
-        stem = Path(artifact["file"]).name.replace(".", "_")
+        # tiny_fp32.tflite and tiny_fp32.pte share a stem; their folders and scripts must not. Plain characters
+        # only: the names go into shell commands and benchmark_model's `name:path` flag.
+        stem = re.sub(r"[^A-Za-z0-9_-]", "_", Path(artifact["file"]).name)
         inputs = self.golden.inputs[artifact["io"]["input"]["layout"]].name
         face_bytes = 4 * int(np.prod(artifact["io"]["input"]["shape"]))
         face_in, face_out = f"in_{stem}/$0.bin", f"out_{stem}/$0"
@@ -486,12 +514,16 @@ class DeviceRun:
                 row.update(self.tflite_latency(artifact, delegate, threads, label))
         except RunnerOutputError as error:
             row.update(status="failed", reason=str(error))
+        except DelegateNotApplied as error:
+            row.update(status="unsupported", reason=str(error))
         except DeviceFailure as failure:
-            # A delegate the phone does not have is a failed row, not a failed device.
-            if delegate in ("gpu", "nnapi") and failure.details.get("exit_code") == 1:
-                row.update(status="unsupported", reason=failure.reason)
-            else:
+            # A delegate the phone does not have is an unsupported row, not a failed device; any other failure
+            # (bad model, crash, abort) fails the device.
+            refused = not_applied_reason(failure.details.get("output_tail", ""))
+            if delegate not in OFF_CPU_DELEGATES or refused is None or failure.details.get("exit_code") != 1:
                 raise
+            row.update(status="unsupported", reason=f"benchmark_model could not run the whole model on the "
+                       f"{delegate} delegate: {refused}")
         self.say(f"{label}: " + (f"median {row['median_ms']:.3f} ms" if row.get("median_ms") is not None
                                  else row.get("reason") or ""))
         return row
@@ -512,27 +544,38 @@ class DeviceRun:
 
     def tflite_latency(self, artifact: dict[str, Any], delegate: str, threads: int, label: str) -> dict[str, Any]:
         options = self.options
+        off_cpu = delegate in OFF_CPU_DELEGATES
         output = self.runner("benchmark_model", [
             f"--graph={artifact['file']}", f"--num_threads={threads}", f"--warmup_runs={options.warmup}",
             "--warmup_min_secs=0", f"--num_runs={options.runs}", "--min_secs=0",
             f"--use_xnnpack={str(delegate == 'xnnpack').lower()}", f"--use_gpu={str(delegate == 'gpu').lower()}",
-            f"--use_nnapi={str(delegate == 'nnapi').lower()}"], label)
-        row: dict[str, Any] = {"tool": "benchmark_model", **parse_benchmark_model(output),
-                               "median_ms": None, "p90_ms": None, "trimmed_mean_ms": None}
-        row["runs"] = row["benchmark_model"]["runs"]
-        row["mean_ms"] = row["benchmark_model"]["mean_ms"]
-        if delegate in ("xnnpack", "cpu") and "tflite_embed" in self.binaries:
+            f"--use_nnapi={str(delegate == 'nnapi').lower()}",
+            # Without it benchmark_model falls back to the CPU where the delegate takes no (or not every) op.
+            *(["--require_full_delegation=true"] if off_cpu else [])], label)
+        # Older builds ignore a delegate they could not create even with --require_full_delegation.
+        delegation = require_delegation(output, delegate)
+        parsed = parse_benchmark_model(output)
+        timed = parsed["benchmark_model"]
+        row: dict[str, Any] = {"tool": "benchmark_model", "delegation": delegation, **parsed, "runs": timed["runs"],
+                               "mean_ms": timed["mean_ms"], "median_ms": timed["median_ms"], "p90_ms": None,
+                               "p95_ms": timed["p95_ms"], "trimmed_mean_ms": None}
+        if timed["median_ms"] is not None:
+            row["distribution"] = {"tool": "benchmark_model",
+                                   "note": "p5, median and p95 of the timed runs as benchmark_model computes them"}
+        elif delegate in ("xnnpack", "cpu") and "tflite_embed" in self.binaries:
             inputs = self.golden.inputs[artifact["io"]["input"]["layout"]].name
             embed = parse_tflite_embed(self.runner("tflite_embed", [
                 f"--graph={artifact['file']}", f"--inputs={inputs}", "--count=1", f"--num_threads={threads}",
                 f"--use_xnnpack={str(delegate == 'xnnpack').lower()}", f"--warmup_runs={options.warmup}",
                 f"--num_runs={options.runs}"], label))
             row.update(tool="benchmark_model + tflite_embed", median_ms=embed["median_ms"], p90_ms=embed["p90_ms"],
-                       trimmed_mean_ms=embed["trimmed_mean_ms"], distribution={"tool": "tflite_embed", **embed})
+                       p95_ms=embed["p95_ms"], trimmed_mean_ms=embed["trimmed_mean_ms"],
+                       distribution={"tool": "tflite_embed", **embed})
         else:
             why = ("tflite_embed has no " + delegate + " delegate" if "tflite_embed" in self.binaries
                    else "the runner kit has no tflite_embed")
-            row["distribution"] = {"tool": None, "note": "benchmark_model reports avg/std/min/max only; " + why}
+            row["distribution"] = {"tool": None, "note": "this benchmark_model build prints no percentiles "
+                                   "(p5/median/p95), only mean/std/min/max; " + why}
         return row
 
 

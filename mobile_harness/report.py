@@ -1,7 +1,7 @@
 """Merging every device's `result.json` into the build folder's device report.
 
 Writes `BUILD/devices.md` (one section per device: status, phone, thermal state, parity and gates,
-latency table) and `BUILD/devices/<serial>/latency.png` (median with p90 whiskers per row), and
+latency table) and `BUILD/devices/<serial>/latency.png` (median with p95 whiskers per row), and
 merges a summary (one row per device, artifact and latency row, plus each device's plot) into the
 build's `report.md` between two markers, replacing the previous summary. A rebuild rewrites
 `report.md` without it, as its artifacts are new.
@@ -31,11 +31,17 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _tail(row: dict[str, Any]) -> float | None:
+    """p95, the percentile every runner with a distribution gives (benchmark_model prints no p90); p90 in results
+    from before the lab recorded p95."""
+    return row["p95_ms"] if row.get("p95_ms") is not None else row.get("p90_ms")
+
+
 def plot_latency(result: dict[str, Any], path: Path) -> bool:
-    """Median latency with p90 whiskers for every measured row; False when there is nothing to plot."""
+    """Median latency with p95 whiskers for every measured row; False when there is nothing to plot."""
     rows = [(f"{a['file']}\n{r['delegate']}, {r['threads']}t" + ("" if r.get("median_ms") is not None else " (mean)"),
              r["median_ms"] if r.get("median_ms") is not None else r["mean_ms"],
-             r["p90_ms"] if r.get("p90_ms") is not None else r["mean_ms"])
+             _tail(r) if r.get("median_ms") is not None and _tail(r) is not None else r["mean_ms"])
             for a in result.get("artifacts", []) for r in a.get("latency", [])
             if r.get("status") == "ok" and (r.get("median_ms") is not None or r.get("mean_ms") is not None)]
     if not rows:
@@ -45,16 +51,16 @@ def plot_latency(result: dict[str, Any], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels, medians, p90s = zip(*rows, strict=True)
+    labels, medians, tails = zip(*rows, strict=True)
     figure, axes = plt.subplots(figsize=(8, 0.5 + 0.45 * len(rows)))
     positions = range(len(rows))
     axes.barh(positions, medians, color="#4c72b0")
-    axes.errorbar(medians, positions, xerr=[[0] * len(rows), [p - m for p, m in zip(p90s, medians, strict=True)]],
+    axes.errorbar(medians, positions, xerr=[[0] * len(rows), [t - m for t, m in zip(tails, medians, strict=True)]],
                   fmt="none", ecolor="black", capsize=3)
     axes.set_yticks(list(positions), labels, fontsize=7)
     axes.invert_yaxis()
     device = result.get("device") or {}
-    axes.set_xlabel("latency per face (ms): median, whisker to p90 (mean where the runner gives no percentiles)")
+    axes.set_xlabel("latency per face (ms): median, whisker to p95 (mean where the runner gives no percentiles)")
     axes.set_title(f"{result['serial']} {device.get('model', '')} ({device.get('soc', '')})", fontsize=9)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,18 +110,18 @@ def _device_section(result: dict[str, Any], plot: str | None) -> list[str]:
             lines.append(f"| {artifact['file']} | {artifact['status']} | {_fmt(par.get('cosine_mean'), 6)} | "
                          f"{_fmt(par.get('cosine_min'), 6)} | {_fmt(par.get('cosine_p1'), 6)} | {flips} | {gates} |")
         lines.append("")
-        lines += ["| artifact | delegate | threads | load ms | first ms | median ms | p90 ms | trimmed mean ms | "
-                  "mean ms | runs | tool |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| artifact | delegate | threads | load ms | first ms | median ms | p90 ms | p95 ms | "
+                  "trimmed mean ms | mean ms | runs | tool |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for artifact in artifacts:
             for row in artifact.get("latency", []):
                 if row["status"] != "ok":
                     lines.append(f"| {artifact['file']} | {row['delegate']} | {row['threads']} | "
-                                 f"{row['status']}: {(row['reason'] or '')[:80]} | – | – | – | – | – | – | – |")
+                                 f"{row['status']}: {(row['reason'] or '')[:80]} | – | – | – | – | – | – | – | – |")
                     continue
                 lines.append(f"| {artifact['file']} | {row['delegate']} | {row['threads']} | {_fmt(row['load_ms'])} | "
                              f"{_fmt(row['first_inference_ms'])} | {_fmt(row['median_ms'])} | {_fmt(row['p90_ms'])} | "
-                             f"{_fmt(row['trimmed_mean_ms'])} | {_fmt(row.get('mean_ms'))} | {row['runs']} | "
-                             f"{row['tool']} |")
+                             f"{_fmt(row.get('p95_ms'))} | {_fmt(row['trimmed_mean_ms'])} | "
+                             f"{_fmt(row.get('mean_ms'))} | {row['runs']} | {row['tool']} |")
         lines.append("")
     if plot:
         lines += [f"![latency on {result['serial']}]({plot})", ""]
@@ -157,7 +163,7 @@ def summary_lines(results: list[dict[str, Any]], plots: dict[str, str | None]) -
              f"{len(results)} phone(s), merged by `python -m mobile_harness report`; thermal state, gates and every "
              "timing in [devices.md](devices.md). Latency is per face after warm-up; the mean stands in where "
              "the runner gives no percentiles.", "",
-             "| device | verdict | artifact | cosine mean | flips / pairs | delegate, threads | median ms | p90 ms | "
+             "| device | verdict | artifact | cosine mean | flips / pairs | delegate, threads | median ms | p95 ms | "
              "mean ms |", "|---|---|---|---|---|---|---|---|---|"]
     for result in results:
         device = result.get("device") or {}
@@ -175,7 +181,7 @@ def summary_lines(results: list[dict[str, Any]], plots: dict[str, str | None]) -
             flips = f"{par['flips']} / {par['pairs']}" if par else "–"
             rows = [r for r in artifact.get("latency", []) if r["status"] == "ok"] or [None]
             for row in rows:
-                timing = (f"{row['delegate']}, {row['threads']} | {_fmt(row['median_ms'])} | {_fmt(row['p90_ms'])} | "
+                timing = (f"{row['delegate']}, {row['threads']} | {_fmt(row['median_ms'])} | {_fmt(_tail(row))} | "
                           f"{_fmt(row.get('mean_ms'))}" if row else "– | – | – | –")
                 lines.append(f"| {name} | {verdict} | {artifact['file']} | {_fmt(par.get('cosine_mean'), 6)} | {flips} "
                              f"| {timing} |")

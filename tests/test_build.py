@@ -46,7 +46,8 @@ def run_build(recipe: Path, out: Path) -> subprocess.CompletedProcess:
 
 def test_build_writes_seven_verified_artifacts_and_a_manifest(tmp_path: Path, faces_root: Path) -> None:
     out = tmp_path / "build"
-    result = run_build(reduced_recipe(tmp_path, faces_root), out)
+    recipe = reduced_recipe(tmp_path, faces_root)
+    result = run_build(recipe, out)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for stage in ("[load]", "[torch.export]", "[quantise]", "[lower]", "[serialise]", "[verify]", "[report]"):
         assert stage in result.stdout
@@ -66,6 +67,12 @@ def test_build_writes_seven_verified_artifacts_and_a_manifest(tmp_path: Path, fa
         assert entry["io"]["output"]["dtype"].startswith("float32"), entry["io"]
     assert manifest["resolved_recipe"]["model"]["architecture"] == "mobilefacenet"
     assert manifest["tools"]["executorch"] == "1.5.1"
+    inputs = manifest["inputs"]
+    assert inputs["recipe_file_sha256"] == sha256_of(recipe)
+    assert inputs["weights_sha256"] == report["model"]["weights_sha256"]
+    assert inputs["calibration_faces"]["count"] == report["evaluation"]["calibration_faces"]
+    assert inputs["evaluation_faces"]["count"] == report["evaluation"]["parity_images"]
+    assert len({inputs["calibration_faces"]["list_sha256"], inputs["evaluation_faces"]["list_sha256"]}) == 2
     golden = load_golden(out, manifest)
     assert golden.faces == 256 and golden.reference.shape == (256, 128)
     assert {same for _, _, same in golden.pairs} == {0, 1}

@@ -6,20 +6,23 @@ port that is killed afterwards. Runner stand-ins compute real outputs with the h
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from adb_sim.lab import GOLDEN_FACES, PhoneLab, make_tiny_build, phone_lab
-from adb_sim.runtimes import RuntimeService, make_test_kit
+from adb_sim.runtimes import ABORTED, RuntimeService, benchmark_model, make_test_kit
 from adb_sim.sim import Faults
 
+from factory.weights import sha256_of
 from mobile_harness.adb import Adb
 from mobile_harness.cli import main
-from mobile_harness.lab import LabOptions, result_path, run_lab
+from mobile_harness.lab import LabOptions, result_path, run_lab, runner_failure, value_file_item
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +93,20 @@ def test_two_phones_in_parallel_measure_parity_and_latency(lab: PhoneLab, build:
             assert {(r["delegate"], r["threads"]) for r in rows} == {(d, t) for d in delegates for t in (1, 2)}
             for row in rows:
                 if row["delegate"] == "gpu":
-                    assert row["status"] == "unsupported" and "delegate" in row["reason"]
+                    # The phone has no GPU: benchmark_model would run on the CPU; the row holds no timings.
+                    assert row["status"] == "unsupported", row
+                    assert "Disallowed CPU fallback detected" in row["reason"]
+                    assert not {"mean_ms", "median_ms", "benchmark_model", "runs"} & set(row)
                     continue
                 assert row["status"] == "ok" and row["runs"] == 50
-                assert 0 < row["median_ms"] <= row["p90_ms"] and row["load_ms"] > 0 and row["first_inference_ms"] > 0
-                assert row["trimmed_mean_ms"] > 0
+                assert 0 < row["median_ms"] <= row["p95_ms"] and row["load_ms"] > 0 and row["first_inference_ms"] > 0
+            if name == "tiny_fp32.tflite":
+                # Current benchmark_model builds print p5 / median / p95: the row is theirs, no tflite_embed run.
+                for row in (r for r in rows if r["delegate"] == "xnnpack"):
+                    assert row["tool"] == "benchmark_model" and row["distribution"]["tool"] == "benchmark_model"
+                    assert row["median_ms"] == row["benchmark_model"]["median_ms"] and row["delegation"] == "full"
+            else:
+                assert all(row["trimmed_mean_ms"] > 0 and row["median_ms"] <= row["p90_ms"] for row in rows)
         for moment in ("before", "after"):
             thermal = result["thermal"][moment]
             assert thermal["battery_c"] == 30.1 and thermal["cpu0_governor"] == "schedutil"
@@ -168,17 +180,19 @@ def test_hung_runner_is_timed_out_and_killed(lab: PhoneLab, build: Path) -> None
 
 
 def test_crashing_runner_reports_exit_code_output_and_logcat(lab: PhoneLab, build: Path) -> None:
-    # tflite_embed times .tflite runs after benchmark_model has done parity and its own timing.
-    phone = lab.add(Faults(crash=["tflite_embed"]))
+    # executor_runner runs after the .tflite artifact is measured, first on the .pte's golden faces.
+    phone = lab.add(Faults(crash=["executor_runner"]))
     result = run(lab, build, options(lab))[phone.serial]
-    assert result["status"] == "failed" and "tflite_embed failed" in result["reason"]
-    assert "exit 139, killed by signal 11" in result["reason"]
+    assert result["status"] == "failed" and "executor_runner failed on tiny_fp32.pte golden faces" in result["reason"]
+    assert "exit 139, killed by signal 11 (SIGSEGV)" in result["reason"]
     details = result["failure_details"]
     assert details["exit_code"] == 139 and "loading model" in details["output_tail"]
     assert "Fatal signal 11 (SIGSEGV)" in details["logcat_tail"]
     assert result["thermal"]["after"]["battery_c"] == 30.1, "thermal state is logged after a failure too"
-    tflite = result["artifacts"][0]
-    assert tflite["status"] == "failed" and tflite["parity"]["faces"] == GOLDEN_FACES, "parity ran before the crash"
+    tflite, pte = result["artifacts"][0], result["artifacts"][1]
+    assert tflite["status"] == "ok" and tflite["parity"]["faces"] == GOLDEN_FACES, "measured before the crash"
+    assert tflite["latency"][0]["median_ms"] > 0
+    assert pte["status"] == "failed" and pte["parity"] is None
     assert remote_leftovers(phone) == []
 
 
@@ -224,7 +238,10 @@ def test_official_runners_alone_measure_parity_and_latency(lab: PhoneLab, build:
     assert any("sh parity_tiny_fp32_tflite.sh" in c for c in phone.commands), phone.commands
     (tflite_row,) = by_file["tiny_fp32.tflite"]["latency"]
     assert tflite_row["tool"] == "benchmark_model" and tflite_row["runs"] == 50 and tflite_row["mean_ms"] > 0
-    assert tflite_row["median_ms"] is None and "no tflite_embed" in tflite_row["distribution"]["note"]
+    # The median is benchmark_model's own (its p5 / median / p95), not made up from the mean.
+    timed = tflite_row["benchmark_model"]
+    assert 0 < timed["p5_ms"] <= tflite_row["median_ms"] == timed["median_ms"] <= tflite_row["p95_ms"]
+    assert tflite_row["p90_ms"] is None and tflite_row["distribution"]["tool"] == "benchmark_model"
     (pte_row,) = by_file["tiny_fp32.pte"]["latency"]
     assert pte_row["tool"] == "executor_runner (totals)" and pte_row["status"] == "ok", pte_row
     assert pte_row["runs"] == 50 and pte_row["mean_ms"] > 0 and pte_row["first_inference_ms"] > 0
@@ -246,7 +263,11 @@ def test_benchmark_model_too_old_to_write_outputs(lab: PhoneLab, build: Path, tm
     result = run(lab, build, options(lab, kit=with_embed))[phone.serial]
     assert result["verdict"] == "pass", result
     tflite = {a["file"]: a for a in result["artifacts"]}["tiny_fp32.tflite"]
-    assert tflite["parity"]["cosine_mean"] > 0.9999 and tflite["latency"][0]["median_ms"] > 0
+    assert tflite["parity"]["cosine_mean"] > 0.9999
+    # That old build prints no percentiles either: the distribution falls back to tflite_embed's runs.
+    (row,) = tflite["latency"]
+    assert row["tool"] == "benchmark_model + tflite_embed" and row["benchmark_model"]["median_ms"] is None
+    assert 0 < row["median_ms"] <= row["p90_ms"] <= row["p95_ms"] and row["distribution"]["tool"] == "tflite_embed"
 
 
 def test_hot_phone_cools_down_before_measuring(lab: PhoneLab, build: Path) -> None:
@@ -328,3 +349,77 @@ def test_gate_missed_on_the_phone_fails_the_verdict(lab: PhoneLab, build: Path) 
     assert result["gate_failures"] == ["tiny_fp32.tflite", "tiny_fp32.pte"]
     gate = next(g for g in result["artifacts"][0]["gates"] if g["metric"] == "cosine_min")
     assert gate["passed"] is False and gate["value"] > 0.9999
+
+
+def rename_tflite_input(build: Path, name: str) -> str:
+    """Give the build's .tflite input tensor `name` (of the old name's length, so the flatbuffer stays valid),
+    as a converter writing TensorFlow-style names (`x:0`) would; the manifest follows. Returns the old name."""
+    manifest = json.loads((build / "manifest.json").read_text())
+    artifact = next(a for a in manifest["artifacts"] if a["format"] == "tflite")
+    old = artifact["io"]["input"]["name"]
+    assert len(name) == len(old)
+    path = build / artifact["file"]
+    path.write_bytes(path.read_bytes().replace(old.encode(), name.encode()))
+    artifact["sha256"] = sha256_of(path)
+    artifact["io"]["input"]["name"] = name
+    (build / "manifest.json").write_text(json.dumps(manifest))
+    return old
+
+
+def test_input_name_with_a_colon_and_no_warmup(lab: PhoneLab, build: Path) -> None:
+    """`--input_layer` takes the name as it is, only `--input_layer_value_files` writes its ':' as '::'
+    (benchmark_model aborts otherwise); `--warmup 0` leaves benchmark_model a `count=0` warm-up line."""
+    old = rename_tflite_input(build, "serving_default_args:0")
+    assert old == "serving_default_args_0"
+    from ai_edge_litert.interpreter import Interpreter
+
+    assert Interpreter(model_path=str(build / "tiny_fp32.tflite")).get_input_details()[0]["name"] == (
+        "serving_default_args:0")
+    phone = lab.add()
+    result = run(lab, build, options(lab, warmup=0))[phone.serial]
+    assert result["status"] == "ok" and result["verdict"] == "pass", result["reason"]
+    tflite = {a["file"]: a for a in result["artifacts"]}["tiny_fp32.tflite"]
+    assert tflite["parity"]["faces"] == GOLDEN_FACES and tflite["parity"]["cosine_mean"] > 0.9999
+    (row,) = tflite["latency"]
+    assert row["status"] == "ok" and row["warmup_runs"] == 0 and row["warmup_mean_ms"] is None
+    assert row["runs"] == 50 and row["first_inference_ms"] > 0 and 0 < row["median_ms"] <= row["p95_ms"]
+
+
+def bench(argv: list[str], cwd: Path, legacy: bool = False) -> tuple[int, str]:
+    """The benchmark_model stand-in run directly in `cwd`: exit status and output (stdout, then stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    code = benchmark_model(argv, cwd, out, err, legacy=legacy)
+    return code, out.getvalue() + err.getvalue()
+
+
+def test_benchmark_model_standin_fails_as_the_real_tool(tiny_build: Path, tmp_path: Path) -> None:
+    shutil.copy(tiny_build / "tiny_fp32.tflite", tmp_path)
+    face = np.zeros((1, 112, 112, 3), dtype=np.float32)
+    face.tofile(tmp_path / "face.bin")
+    manifest = json.loads((tiny_build / "manifest.json").read_text())
+    name = next(a for a in manifest["artifacts"] if a["format"] == "tflite")["io"]["input"]["name"]
+    common = ["--graph=tiny_fp32.tflite", "--warmup_runs=0", "--warmup_min_secs=0", "--num_runs=1", "--min_secs=0",
+              "--input_layer_shape=1,112,112,3"]
+    code, output = bench([*common, f"--input_layer={name}",
+                          f"--input_layer_value_files={value_file_item(name, 'face.bin')}"], tmp_path)
+    assert code == 0 and "INFO: count=0 p5=0 median=0 p95=0" in output, output
+    # A ':' escaped in --input_layer too: the value file's layer is not found, and the tool aborts.
+    code, output = bench([*common, "--input_layer=a::b", "--input_layer_value_files=a::b:face.bin"], tmp_path)
+    assert code == ABORTED == 134
+    assert "FATAL: Cannot find the corresponding input_layer name(a:b) in --input_layer as a::b" in output
+    assert runner_failure("benchmark_model", "m golden faces", code, output) == (
+        "benchmark_model failed on m golden faces (exit 134, killed by signal 6 (SIGABRT)): FATAL: Cannot find the "
+        "corresponding input_layer name(a:b) in --input_layer as a::b")
+    # An input file of another size than the tensor: aborts too.
+    (tmp_path / "short.bin").write_bytes(b"\0" * 12)
+    code, output = bench([*common, f"--input_layer={name}", f"--input_layer_value_files={name}:short.bin"], tmp_path)
+    assert code == 134 and "FATAL: The size of short.bin is 12 bytes. It should be 150528 bytes." in output
+    assert runner_failure("benchmark_model", "m", code, output).endswith(
+        "FATAL: The size of short.bin is 12 bytes. It should be 150528 bytes.")
+    # No GPU on the simulated phone: a warning and the CPU, exit 0, unless full delegation is required.
+    gpu = ["--graph=tiny_fp32.tflite", "--num_runs=2", "--min_secs=0", "--use_xnnpack=false", "--use_gpu=true"]
+    code, output = bench(gpu, tmp_path)
+    assert code == 0 and "WARN: GPU acceleration is unsupported on this platform." in output
+    assert "Explicitly applied GPU" not in output and "INFO: count=2 " in output
+    code, output = bench([*gpu, "--require_full_delegation=true"], tmp_path)
+    assert code == 1 and "ERROR: Disallowed CPU fallback detected." in output and "count=" not in output

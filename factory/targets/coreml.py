@@ -17,7 +17,9 @@ float16 rounding emulated, and says so in every report.
 
 from __future__ import annotations
 
+import json
 import platform
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +41,42 @@ QUANTIZATION = {
 RUNTIME_MACOS = "Core ML runtime (macOS, CPU_ONLY)"
 EXTRA_COMPUTE_UNITS = ("CPU_AND_GPU", "CPU_AND_NE")
 RUNTIME_INTERPRETER = "Core ML reference interpreter (factory, fp16 emulation)"
-# The interpreter holds a whole batch's activations: 64 faces of MobileFaceNet peak near 0.2 GB.
-INTERPRETER_BATCH = 64
+# Faces per interpreter run. Small batches keep each activation in the CPU's caches: MobileFaceNet's fp16
+# program takes about 3.5 ms a face at batch 8 and 9-11 ms at batch 64 on the 2-core build machine.
+INTERPRETER_BATCH = 8
+
+
+# Package metadata that changes with the day of the build, not with the model: left out of shipped packages.
+VOLATILE_METADATA = ("com.github.apple.coremltools.conversion_date",)
+_MANIFEST_NAMESPACE = uuid.UUID("6f1d3c1e-52b1-4e55-9a57-0c3f1f0e7a10")
+
+
+def make_reproducible(package: Path) -> None:
+    """Rewrite a saved .mlpackage so the same model always gives the same bytes.
+
+    coremltools' save varies in three ways from one run to the next (`docs/reproducibility.md`):
+    `Manifest.json` names each item by a random UUID; the model spec's protobuf maps (user metadata, op
+    attributes) are written in an order that depends on Python's string hashing, which differs per process; and
+    the metadata carries the conversion date. Here the items get UUIDs derived from their paths, the spec is
+    written with protobuf's deterministic (key-sorted) serialisation, and the date is dropped (the build report
+    records when it was built). The spec itself is unchanged: it parses back equal, less the date.
+    """
+    from coremltools.proto import Model_pb2
+
+    manifest_path = package / "Manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    renamed = {old: str(uuid.uuid5(_MANIFEST_NAMESPACE, entry["path"]))
+               for old, entry in manifest["itemInfoEntries"].items()}
+    manifest["itemInfoEntries"] = {renamed[old]: entry for old, entry in manifest["itemInfoEntries"].items()}
+    manifest["rootModelIdentifier"] = renamed[manifest["rootModelIdentifier"]]
+    root = manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]
+    spec_path = package / "Data" / root["path"]
+    spec = Model_pb2.Model()
+    spec.ParseFromString(spec_path.read_bytes())
+    for key in VOLATILE_METADATA:
+        spec.description.metadata.userDefined.pop(key, None)
+    spec_path.write_bytes(spec.SerializeToString(deterministic=True))
+    manifest_path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
 
 
 class CoreMLTarget:
@@ -71,6 +107,7 @@ class CoreMLTarget:
         mlmodel.short_description = request.description
         with request.stages.stage(Stage.SERIALIZE, request.label), atomic_path(request.output) as tmp:
             mlmodel.save(str(tmp))
+            make_reproducible(tmp)
         return CompiledArtifact(
             path=request.output,
             format=self.format,
@@ -152,20 +189,17 @@ class CoreMLTarget:
     @staticmethod
     def _interpreter_runner(path: Path, threads: int | None) -> Runner:
         from factory.coreml_interpreter import CoreMLInterpreter
+        from factory.parallel import map_batches
 
         interpreter = CoreMLInterpreter.from_package(path)
         (output_name,) = interpreter.output_names
 
+        def run_batch(batch: np.ndarray) -> np.ndarray:
+            return interpreter.run({INPUT_NAME: batch})[output_name]
+
         def run(batch: np.ndarray) -> np.ndarray:
-            previous = torch.get_num_threads()
-            torch.set_num_threads(threads or previous)
-            try:
-                return np.concatenate([
-                    interpreter.run({INPUT_NAME: batch[start : start + INTERPRETER_BATCH]})[output_name]
-                    for start in range(0, len(batch), INTERPRETER_BATCH)
-                ]).astype(np.float32)
-            finally:
-                torch.set_num_threads(previous)
+            # Batches side by side on one intra-op thread each: the same numbers on any core count.
+            return map_batches(run_batch, batch, INTERPRETER_BATCH, threads).astype(np.float32)
 
         return run
 

@@ -2,9 +2,16 @@
 
 `benchmark_model` (LiteRT), `executor_runner` (ExecuTorch) and `tflite_embed` (the project's own
 runner, mobile_harness/runners/tflite_embed) take the same flags and print the same lines as the
-binaries (benchmark_model.cc's `Stat` and `Inference timings in us` lines, executor_runner.cpp's
+binaries (benchmark_model's `StatWithPercentiles` and `Inference timings in us` lines, executor_runner.cpp's
 ET_LOG lines, written to stderr as the posix PAL does). Models run in ai_edge_litert and
 executorch.runtime, so outputs and timings are real, only measured on the host.
+
+benchmark_model also fails as the real one does (benchmark_tflite_model.cc): a bad command line is an
+`ERROR:` line and exit 1; what the tool checks with TFLITE_LOG(FATAL) (an `--input_layer_value_files`
+name missing from `--input_layer`, an input file that cannot be read or has the wrong size) is a
+`FATAL:` line and an abort (exit 134, SIGABRT). The simulated phone has no GPU or NNAPI driver: a
+delegate asked for there is not created (a `WARN:` line), and the run goes on on the CPU and exits 0,
+unless `--require_full_delegation=true` turns that into "Disallowed CPU fallback detected." and exit 1.
 
 The service lives in the test process (a thread on a Unix socket); the kit's `standin.py` processes
 forward their flags to it. A lock runs one model at a time, like one phone CPU would.
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import socket
 import threading
 import time
@@ -26,6 +34,8 @@ import numpy as np
 
 KIT_TOOLS = ("benchmark_model", "executor_runner", "tflite_embed")
 STANDIN = Path(__file__).resolve().parent / "kit" / "standin.py"
+# Exit status of a tool that called abort(), as the phone's shell reports it.
+ABORTED = 128 + signal.SIGABRT
 
 
 class FlagError(Exception):
@@ -53,21 +63,58 @@ def et_log(err: TextIO, message: str, line: int) -> None:
     print(f"I 00:00:{seconds % 60:09.6f} executorch:executor_runner.cpp:{line}] {message}", file=err)
 
 
-def stat_line(samples_us: list[int]) -> str:
-    """tensorflow::Stat<int64_t>::OutputToStream."""
+def stat_line(samples_us: list[int], percentiles: bool = True) -> str:
+    """tensorflow::Stat<int64_t>::OutputToStream, followed by StatWithPercentiles' `p5= median= p95=` when
+    `percentiles` (builds before those print none). An empty Stat prints `count=0`, and its percentiles
+    are int64's quiet_NaN, which is 0."""
     values = np.asarray(samples_us, dtype=np.int64)
-    if len(set(samples_us)) == 1:
-        return f"count={len(values)} curr={values[-1]}" + ("(all same)" if len(values) > 1 else "")
-    return (f"count={len(values)} first={values[0]} curr={values[-1]} min={values.min()} max={values.max()} "
-            f"avg={values.mean():g} std={round(values.std())}")
+    if not len(values):
+        line = "count=0"
+    elif len(set(samples_us)) == 1:
+        line = f"count={len(values)} curr={values[-1]}" + ("(all same)" if len(values) > 1 else "")
+    else:
+        line = (f"count={len(values)} first={values[0]} curr={values[-1]} min={values.min()} max={values.max()} "
+                f"avg={values.mean():g} std={round(values.std())}")
+    if not percentiles:
+        return line
+    ordered = np.sort(values)
+    # StatWithPercentiles::percentile: the element at index size * p / 100 of the sorted values.
+    p5, median, p95 = (int(ordered[len(ordered) * p // 100]) if len(ordered) else 0 for p in (5, 50, 95))
+    return f"{line} p5={p5} median={median} p95={p95}"
+
+
+def split_name_and_value_file(item: str) -> tuple[str, str] | None:
+    """SplitInputLayerNameAndValueFile: one `--input_layer_value_files` item split at its single ':', a '::'
+    standing for a ':' in the name or the path ("input::0:/tmp/x" is ("input:0", "/tmp/x")); None unless
+    there is exactly one single ':'."""
+    parts, current, index = [], "", 0
+    while index < len(item):
+        if item.startswith("::", index):
+            current, index = current + ":", index + 2
+        elif item[index] == ":":
+            parts, current, index = [*parts, current], "", index + 1
+        else:
+            current, index = current + item[index], index + 1
+    parts.append(current)
+    return (parts[0], parts[1]) if len(parts) == 2 else None
 
 
 class TFLiteModel:
-    def __init__(self, path: Path, threads: int) -> None:
-        from ai_edge_litert.interpreter import Interpreter
+    def __init__(self, path: Path, threads: int, xnnpack: bool = True) -> None:
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-        self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        self.interpreter = Interpreter(model_path=str(path), num_threads=threads,
+                                       experimental_op_resolver_type=resolver)
+        nodes = self.interpreter._interpreter.NumNodes()
         self.interpreter.allocate_tensors()
+        # The XNNPACK delegate adds one node per partition it takes. It runs the whole graph when it took
+        # one partition reading the graph's inputs and writing its outputs.
+        self.delegate_kernels = self.interpreter._interpreter.NumNodes() - nodes
+        self.fully_delegated = self.delegate_kernels == 1 and (
+            set(self.interpreter._interpreter.InputIndices()) <= set(self.interpreter._interpreter.NodeInputs(nodes))
+            and set(self.interpreter._interpreter.OutputIndices())
+            <= set(self.interpreter._interpreter.NodeOutputs(nodes)))
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
 
@@ -83,13 +130,25 @@ def timed(call: Callable[[], object]) -> int:
     return (time.perf_counter_ns() - start) // 1000
 
 
+def delegation_line(name: str, model: TFLiteModel) -> str:
+    """What benchmark_tflite_model.cc logs once a delegate provider's delegate is applied."""
+    if model.fully_delegated:
+        return (f"INFO: Explicitly applied {name} delegate, and the model graph will be completely executed by the "
+                "delegate.")
+    if model.delegate_kernels:
+        return (f"INFO: Explicitly applied {name} delegate, and the model graph will be partially executed by the "
+                f"delegate w/ {model.delegate_kernels} delegate kernels.")
+    return f"INFO: Though {name} delegate is explicitly applied, the model graph will not be executed by the delegate."
+
+
 def benchmark_model(argv: list[str], cwd: Path, out: TextIO, err: TextIO, legacy: bool = False) -> int:
-    """LiteRT's benchmark_model. `legacy` plays a build from before `--output_filepath`: it leaves flags it
-    does not know unconsumed, as the real tool's parser does, and writes no outputs."""
+    """LiteRT's benchmark_model, in the order benchmark_tflite_model.cc checks things (see module docstring).
+    `legacy` plays a build from before `--output_filepath` (and before percentiles in its stats lines): it
+    leaves flags it does not know unconsumed, as the real tool's parser does, and writes no outputs."""
     known = {"graph": "", "num_threads": "-1", "warmup_runs": "1", "num_runs": "50", "min_secs": "1",
              "warmup_min_secs": "0.5", "max_secs": "150", "use_xnnpack": "true", "use_gpu": "false",
-             "use_nnapi": "false", "input_layer": "", "input_layer_shape": "", "input_layer_value_files": "",
-             "output_filepath": ""}
+             "use_nnapi": "false", "require_full_delegation": "false", "input_layer": "", "input_layer_shape": "",
+             "input_layer_value_files": "", "output_filepath": ""}
     unconsumed = []
     if legacy:
         unconsumed = [a for a in argv if a.startswith("--output_filepath=")]
@@ -98,49 +157,88 @@ def benchmark_model(argv: list[str], cwd: Path, out: TextIO, err: TextIO, legacy
     print("INFO: STARTING!", file=out)
     if unconsumed:
         print(f"WARN: Unconsumed cmdline flags: {' '.join(unconsumed)}", file=out)
+    # ValidateParams -> PopulateInputLayerInfo, before the model is loaded.
+    names = flags["input_layer"].split(",") if flags["input_layer"] else []
+    shapes = flags["input_layer_shape"].split(":") if flags["input_layer_shape"] else []
+    if len(names) != len(shapes):
+        print(f"ERROR: The number of items in --input_layer_shape ({flags['input_layer_shape']}, with {len(shapes)} "
+              f"items) must match the number of items in --input_layer ({flags['input_layer']}, with {len(names)} "
+              "items).\nERROR: Benchmarking failed.", file=err)
+        return 1
+    value_files: dict[str, str] = {}
+    for item in flags["input_layer_value_files"].split(",") if flags["input_layer_value_files"] else []:
+        pair = split_name_and_value_file(item)
+        if pair is None:
+            print(f"ERROR: Wrong input value file item specified: {item}\nERROR: Benchmarking failed.", file=err)
+            return 1
+        if pair[0] not in names:
+            # FindLayerInfoIndex: TFLITE_LOG(FATAL), which aborts.
+            print(f"FATAL: Cannot find the corresponding input_layer name({pair[0]}) in --input_layer as "
+                  f"{flags['input_layer']}", file=err)
+            return ABORTED
+        value_files[pair[0]] = pair[1]
     print(f"INFO: Min num runs: [{flags['num_runs']}]\nINFO: Num threads: [{flags['num_threads']}]\n"
           f"INFO: Min warmup runs: [{flags['warmup_runs']}]\nINFO: Graph: [{flags['graph']}]", file=out)
     graph = cwd / flags["graph"]
     if not graph.is_file():
-        print(f"ERROR: Could not open '{flags['graph']}'.\nERROR: Benchmarking failed.", file=out)
-        return 1
-    if as_bool(flags["use_gpu"]) or as_bool(flags["use_nnapi"]):
-        # The simulated phone has no GPU or NPU driver; real phones without one answer the same way.
-        print("ERROR: Failed to apply the delegate: not supported on this device.\nERROR: Benchmarking failed.",
-              file=out)
+        print(f"ERROR: Could not open '{flags['graph']}'.\nERROR: Benchmarking failed.", file=err)
         return 1
     threads = int(flags["num_threads"])
     start = time.perf_counter_ns()
-    model = TFLiteModel(graph, threads if threads > 0 else 1)
-    init_us = (time.perf_counter_ns() - start) // 1000
-    if as_bool(flags["use_xnnpack"]):
-        print("INFO: Created TensorFlow Lite XNNPACK delegate for CPU.", file=out)
+    model = TFLiteModel(graph, threads if threads > 0 else 1, xnnpack=as_bool(flags["use_xnnpack"]))
     print(f"INFO: Loaded model {flags['graph']}\nINFO: The input model file size (MB): {graph.stat().st_size / 1e6:g}",
           file=out)
+    # Init: each provider asked for creates its delegate; one that cannot is skipped with a warning.
+    applied = []
+    if as_bool(flags["use_gpu"]):
+        print("WARN: GPU acceleration is unsupported on this platform.", file=out)
+    if as_bool(flags["use_nnapi"]):
+        print("WARN: NNAPI acceleration is unsupported on this platform.", file=out)
+    if as_bool(flags["use_xnnpack"]):
+        print("INFO: Created TensorFlow Lite XNNPACK delegate for CPU.", file=out)
+        applied.append(("XNNPACK", model))
+    require_full = as_bool(flags["require_full_delegation"])
+    if require_full and (not applied or not all(m.fully_delegated for _, m in applied)):
+        print("ERROR: Disallowed CPU fallback detected.\nERROR: Benchmarking failed.", file=err)
+        return 1
+    for name, delegated in applied:
+        print(delegation_line(name, delegated), file=out)
+    tensor, shape = model.input, [int(d) for d in model.input["shape"]]
+    if names:
+        if names[0] != tensor["name"]:
+            print(f"WARN: Tensor # {tensor['index']} is named {tensor['name']} but flags call it {names[0]}", file=out)
+        if len(shapes[0].split(",")) != len(shape):
+            print(f"ERROR: Input tensor #{tensor['index']} should have {len(shape)} dimensions!\n"
+                  "ERROR: Benchmarking failed.", file=err)
+            return 1
+    init_us = (time.perf_counter_ns() - start) // 1000
     print(f"INFO: Initialized session in {init_us / 1e3:g}ms.", file=out)
-    x = np.random.default_rng(0).uniform(0, 255, model.input["shape"]).astype(np.float32)
-    if flags["input_layer_value_files"]:
-        # `name:file` items; the real parser reads '::' as a ':' inside a name.
-        layer, _, path = flags["input_layer_value_files"].replace("::", "\0").partition(":")
-        if layer.replace("\0", ":") != flags["input_layer"].replace("::", ":"):
-            print(f"ERROR: Cannot find the corresponding input_layer name({layer}) in --input_layer", file=out)
-            return 1
-        data = (cwd / path.replace("\0", ":")).read_bytes()
+    x = np.random.default_rng(0).uniform(0, 255, shape).astype(np.float32)
+    path = value_files.get(names[0]) if names else None
+    if path is not None:
+        # LoadInputTensorData: TFLITE_LOG(FATAL) for a file it cannot read or of another size than the tensor.
+        if not (cwd / path).is_file():
+            print(f"FATAL: Failed to read the input_layer_value_file:{path}", file=err)
+            return ABORTED
+        data = (cwd / path).read_bytes()
         if len(data) != x.nbytes:
-            print(f"ERROR: The size of {path} is {len(data)} bytes. It should be {x.nbytes} bytes.", file=out)
-            return 1
+            print(f"FATAL: The size of {path} is {len(data)} bytes. It should be {x.nbytes} bytes.", file=err)
+            return ABORTED
         x = np.frombuffer(data, dtype=np.float32).reshape(x.shape)
     stats = []
     for runs, secs in ((int(flags["warmup_runs"]), flags["warmup_min_secs"]), (int(flags["num_runs"]),
                                                                                  flags["min_secs"])):
         print(f"INFO: Running benchmark for at least {runs} iterations and at least {float(secs):g} seconds but "
               f"terminate if exceeding {float(flags['max_secs']):g} seconds.", file=out)
-        samples = [timed(lambda: model(x)) for _ in range(max(runs, 1))]
-        print(f"INFO: {stat_line(samples)}\n", file=out)
+        # The harness passes min_secs=0, so the run count alone decides: none for --warmup_runs=0.
+        samples = [timed(lambda: model(x)) for _ in range(runs)]
+        print(f"INFO: {stat_line(samples, percentiles=not legacy)}\n", file=out)
         stats.append(samples)
     warmup, regular = stats
-    print(f"INFO: Inference timings in us: Init: {init_us}, First inference: {warmup[0]}, "
-          f"Warmup (avg): {np.mean(warmup):g}, Inference (avg): {np.mean(regular):g}", file=out)
+    # An empty Stat's first() is 0 and its avg() int64's quiet_NaN, also 0.
+    print(f"INFO: Inference timings in us: Init: {init_us}, First inference: {warmup[0] if warmup else 0}, "
+          f"Warmup (avg): {np.mean(warmup) if warmup else 0:g}, Inference (avg): "
+          f"{np.mean(regular) if regular else 0:g}", file=out)
     if flags["output_filepath"]:
         # OutputSaver: the output tensors' raw bytes, one after another, at the end of the benchmark.
         model(x).astype(np.float32).tofile(cwd / flags["output_filepath"])

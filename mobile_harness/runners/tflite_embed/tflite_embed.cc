@@ -1,7 +1,8 @@
 // tflite_embed: the device lab's .tflite parity and per-run latency runner.
 //
-// LiteRT's benchmark_model feeds random inputs, writes no outputs and prints aggregate timings
-// only, so on-device parity (and the latency distribution) need this small runner. It reads N
+// The device lab's fallback for older LiteRT benchmark_model builds: those from before
+// `--output_filepath` write no outputs (so no on-device parity), and those from before percentiles in
+// their stats lines print mean/std/min/max only (so no latency distribution). It reads N
 // preprocessed faces (raw float32, the model's input shape each), runs them one by one, and writes
 // the N float32 embeddings back to back. Flags use benchmark_model's `--name=value` form:
 //
