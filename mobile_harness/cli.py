@@ -62,6 +62,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--kit", type=Path, default=Path(os.environ.get("MOBILE_HARNESS_KIT", "kit")),
                      help="runner kit folder KIT/<abi>/<binary> (default: $MOBILE_HARNESS_KIT, else ./kit)")
     run.add_argument("--runs", type=int, default=50, help="timed runs per latency row (default 50)")
+    run.add_argument("--min-secs", type=float, default=0, metavar="S",
+                     help="timed runs last at least S seconds in all, next to --runs (default 0: --runs decides)")
+    run.add_argument("--no-pin", action="store_true",
+                     help="do not pin latency runners to the big cores with taskset")
+    run.add_argument("--force-idle", action="store_true",
+                     help="dumpsys deviceidle force-idle before measuring, unforce after (always)")
+    run.add_argument("--idle-settle", type=float, default=5, metavar="S",
+                     help="seconds to wait after forcing idle (default 5)")
     run.add_argument("--warmup", type=int, default=10, help="warm-up runs before timing (default 10)")
     run.add_argument("--threads", type=_int_list, default=[1, 4], help="thread counts, e.g. 1,4 (default)")
     run.add_argument("--delegate", type=_delegates, default=["xnnpack"],
@@ -118,7 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return devices(adb)
         options = LabOptions(kit=args.kit, runs=args.runs, warmup=args.warmup, threads=args.threads,
                              delegates=args.delegate, runner_timeout_s=args.timeout,
-                             cool_down_above_c=args.cool_down_above, cool_down_max_s=args.cool_down_max)
+                             cool_down_above_c=args.cool_down_above, cool_down_max_s=args.cool_down_max,
+                             pin_big_cores=not args.no_pin, min_secs=args.min_secs,
+                             force_idle=args.force_idle, idle_settle_s=args.idle_settle)
         command = "python -m mobile_harness " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
         results = run_lab(adb, args.build, args.device, args.all, options, command)
         report = write_device_report(args.build)

@@ -1,10 +1,11 @@
 """One lab run: every runnable artifact of a build on every chosen phone, in parallel.
 
 Per device: probe (getprop, df) -> check the runner kit against the ABI -> check free storage ->
-thermal state before (optional cool-down) -> push kit, artifacts and golden inputs into a per-run
-folder under /data/local/tmp, each checked by sha256 on the phone -> per artifact: golden faces
-through the runner (parity with the reference), then latency rows (threads x delegates) -> thermal
-state after -> `rm -rf` of the per-run folder, always.
+CPU clusters (max frequency, governor) and the big-core mask -> thermal state before (optional
+cool-down) -> push kit, artifacts and golden inputs into a per-run folder under /data/local/tmp, each
+checked by sha256 on the phone -> per artifact: golden faces through the runner (parity with the
+reference), then latency rows (threads x delegates), each runner pinned to the big cores with `taskset`
+and its peak memory (VmHWM) polled while it runs -> thermal state after -> `rm -rf` of the per-run folder, always.
 
 `BUILD/devices/<serial>/result.json` is rewritten atomically after every step that adds results,
 so a fault (vanished phone, crash, hang, full storage) ends with a failed status and a reason next
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shlex
@@ -58,6 +60,17 @@ MIN_RUNS = 50
 PROPS = {"model": "ro.product.model", "soc": "ro.soc.model", "board": "ro.board.platform",
          "abi": "ro.product.cpu.abi", "android": "ro.build.version.release", "sdk": "ro.build.version.sdk"}
 GOVERNOR = "/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"
+# One line per core: `cpuN|max kHz|governor|related cpus` (a field the phone does not give is empty).
+CPU_PROBE = ("for c in /sys/devices/system/cpu/cpu[0-9]*; do f=$c/cpufreq; echo \"${c##*/}|"
+             "$(cat $f/cpuinfo_max_freq 2>/dev/null)|$(cat $f/scaling_governor 2>/dev/null)|"
+             "$(cat $f/related_cpus 2>/dev/null)\"; done")
+# The line a measured runner's wrapper ends with: the runner's last VmHWM reading in kB (empty: none).
+PEAK_TAG = "mobile_harness peak_rss_kb:"
+# Seconds between VmHWM readings; the kernel keeps the high-water mark, so the last reading misses only what
+# the runner adds in its last interval (and a runner shorter than one interval may go unread: None).
+PEAK_POLL_S = 0.01
+# Process names (/proc/PID/status Name:) on the way to the runner's exec, whose memory is not the runner's.
+NOT_RUNNERS = ("sh", "mksh", "dash", "bash", "taskset", "toybox")
 # Thermal status codes of android.os.PowerManager (THERMAL_STATUS_*).
 THERMAL_STATUS = {0: "none", 1: "light", 2: "moderate", 3: "severe", 4: "critical", 5: "emergency", 6: "shutdown"}
 # Signals a runner dies of, by number (an exit status above 128 is 128 + the signal).
@@ -84,6 +97,12 @@ class LabOptions:
         cool_down_above_c: Wait before measuring while the battery is hotter than this (None: never).
         cool_down_max_s: Longest cool-down wait; the run then goes on and records that it was hot.
         cool_down_poll_s: Seconds between temperature readings while cooling down.
+        pin_big_cores: Run latency runners under `taskset` on the cores with the highest max frequency.
+        force_idle: `dumpsys deviceidle force-idle` before measuring (no background jobs, syncs or alarms),
+            `dumpsys deviceidle unforce` after, always, even when the run fails.
+        idle_settle_s: Seconds to wait after forcing idle, before the first measurement.
+        min_secs: Timed runs last at least this long in all (0: `runs` alone decides); benchmark_model's
+            `--min_secs`, emulated for executor_runner by running more executions.
     """
 
     kit: Path
@@ -97,6 +116,10 @@ class LabOptions:
     cool_down_above_c: float | None = None
     cool_down_max_s: float = 600
     cool_down_poll_s: float = 15
+    pin_big_cores: bool = True
+    force_idle: bool = False
+    idle_settle_s: float = 5
+    min_secs: float = 0
 
     def __post_init__(self) -> None:
         unknown = [d for d in self.delegates if d not in DELEGATES]
@@ -104,6 +127,8 @@ class LabOptions:
             raise ValueError(f"unknown delegate(s) {unknown}; choose from {list(DELEGATES)}")
         if self.runs < MIN_RUNS:
             raise ValueError(f"--runs {self.runs}: at least {MIN_RUNS} timed runs, or p90 rests on a handful of runs")
+        if self.min_secs < 0:
+            raise ValueError(f"--min-secs {self.min_secs:g}: give 0 (off) or more seconds")
         if self.warmup < 0 or not self.threads or min(self.threads) < 1:
             raise ValueError("warmup must be >= 0 and every thread count >= 1")
 
@@ -158,6 +183,63 @@ def value_file_item(name: str, path: str) -> str:
     return f"{name.replace(':', '::')}:{path.replace(':', '::')}"
 
 
+def parse_cpus(output: str) -> list[dict[str, Any]]:
+    """Cores from `CPU_PROBE`'s lines: index, max kHz, governor and related CPUs (None where unreadable)."""
+    cores = []
+    for line in output.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) != 4 or not re.fullmatch(r"cpu\d+", fields[0]):
+            continue
+        related = [int(c) for c in fields[3].split() if c.isdigit()]
+        cores.append({"cpu": int(fields[0][3:]), "max_khz": int(fields[1]) if fields[1].isdigit() else None,
+                      "governor": fields[2] or None, "related": related or None})
+    return sorted(cores, key=lambda core: core["cpu"])
+
+
+def cpu_clusters(cores: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Cores grouped into clusters by `related_cpus` (cores sharing a clock), else by equal max frequency;
+    each with its CPUs, max kHz and governor(s), slowest cluster first."""
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    for core in cores:
+        key = tuple(core["related"]) if core["related"] else ("khz", core["max_khz"])
+        groups.setdefault(key, []).append(core)
+    clusters = []
+    for members in groups.values():
+        governors = sorted({c["governor"] for c in members if c["governor"]})
+        khz = [c["max_khz"] for c in members if c["max_khz"] is not None]
+        clusters.append({"cpus": [c["cpu"] for c in members], "max_khz": max(khz) if khz else None,
+                         "governor": governors[0] if len(governors) == 1 else (governors or None)})
+    return sorted(clusters, key=lambda c: (c["max_khz"] or 0, c["cpus"][0]))
+
+
+def big_core_mask(cores: list[dict[str, Any]]) -> str | None:
+    """taskset's hex mask of the cores with the highest max frequency; None when no frequency is readable."""
+    known = [c for c in cores if c["max_khz"] is not None]
+    if not known:
+        return None
+    top = max(c["max_khz"] for c in known)
+    return format(sum(1 << c["cpu"] for c in known if c["max_khz"] == top), "x")
+
+
+def cluster_label(cpus: list[int]) -> str:
+    """`cpu4-6` for consecutive CPUs, else `cpu0,2`."""
+    if cpus == list(range(cpus[0], cpus[-1] + 1)) and len(cpus) > 1:
+        return f"cpu{cpus[0]}-{cpus[-1]}"
+    return "cpu" + ",".join(str(c) for c in cpus)
+
+
+def peak_rss_kb(output: str) -> tuple[str, int | None]:
+    """The runner's output without the wrapper's `PEAK_TAG` line, and the VmHWM it read (kB; None if none)."""
+    kept, peak = [], None
+    for line in output.splitlines(keepends=True):
+        if line.startswith(PEAK_TAG):
+            value = line[len(PEAK_TAG):].strip()
+            peak = int(value) if value.isdigit() else None
+        else:
+            kept.append(line)
+    return "".join(kept), peak
+
+
 def result_path(build_dir: Path, serial: str) -> Path:
     """Where a device's result goes; serials such as `127.0.0.1:5555` become safe folder names."""
     return build_dir / "devices" / re.sub(r"[^A-Za-z0-9._-]", "_", serial) / "result.json"
@@ -177,11 +259,13 @@ class DeviceRun:
         self.remote = f"{REMOTE_ROOT}/{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
         self.path = result_path(build_dir, serial)
         self.binaries: dict[str, Path] = {}
+        self.pin_mask: str | None = None
+        self.row_peaks: list[int | None] = []
         self.result: dict[str, Any] = {
             "serial": serial, "status": "running", "reason": None, "failed_stage": None,
             "started": _now(), "finished": None, "command": command, "build": manifest.get("recipe"),
             "device": None, "settings": {k: v for k, v in asdict(options).items() if k != "kit"},
-            "thermal": {}, "artifacts": [], "remote_folder": self.remote, "cleanup": None,
+            "cpu": None, "idle": None, "thermal": {}, "artifacts": [], "remote_folder": self.remote, "cleanup": None,
         }
 
     def say(self, message: str) -> None:
@@ -193,6 +277,7 @@ class DeviceRun:
     def run(self) -> dict[str, Any]:
         self.save()
         created = False
+        forced = False
         try:
             self.result["device"] = self.probe()
             self.save()
@@ -204,11 +289,15 @@ class DeviceRun:
                 raise DeviceFailure("kit", str(error)) from None
             self.binaries = binaries
             self.check_storage(artifacts, binaries)
+            self.result["cpu"] = self.cpu_setup()
             self.result["thermal"]["before"] = self.thermal(cool_down=True)
             self.save()
             self.device.check_shell(f"mkdir -p {self.remote}")
             created = True
             self.push_all(artifacts, binaries)
+            if self.options.force_idle:
+                forced = True
+                self.force_idle()
             for artifact in self.manifest["artifacts"]:
                 self.run_artifact(artifact)
             self.result["thermal"]["after"] = self.thermal(cool_down=False)
@@ -224,6 +313,8 @@ class DeviceRun:
                     self.result["thermal"]["after"] = self.read_thermal()
                 except AdbError:
                     self.result["thermal"]["after"] = None
+            if forced:
+                self.unforce_idle()
             if created:
                 self.cleanup()
             self.result["finished"] = _now()
@@ -293,6 +384,55 @@ class DeviceRun:
             raise DeviceFailure("storage", f"not enough free storage in /data/local/tmp: {free // 1024} KiB free, "
                                 f"the run needs about {needed // 1024} KiB; free space on the phone")
 
+    def read_cpus(self) -> list[dict[str, Any]]:
+        return parse_cpus(self.device.shell(CPU_PROBE).output)
+
+    def cpu_setup(self) -> dict[str, Any]:
+        """The phone's clusters and the taskset mask latency runners get (None: not pinned, `pin_note` says why)."""
+        cores = self.read_cpus()
+        mask = big_core_mask(cores)
+        info: dict[str, Any] = {"clusters": cpu_clusters(cores), "pin_mask": None, "pinned_cpus": None,
+                                "pin_note": None}
+        if not self.options.pin_big_cores:
+            info["pin_note"] = "off (--no-pin)"
+        elif mask is None:
+            info["pin_note"] = "no cpufreq/cpuinfo_max_freq readable: runners not pinned"
+        else:
+            probe = self.device.shell(f"taskset {mask} true")
+            if probe.exit_code != 0:
+                info["pin_note"] = f"taskset {mask} failed on the phone: {probe.output.strip()[-200:]}"
+            else:
+                self.pin_mask = mask
+                info.update(pin_mask=mask, pinned_cpus=[c for c in range(4 * len(mask)) if int(mask, 16) >> c & 1])
+        self.say("CPU clusters " + ", ".join(f"{cluster_label(c['cpus'])} {(c['max_khz'] or 0) / 1e6:g} GHz "
+                                             f"{c['governor']}" for c in info["clusters"])
+                 + (f"; latency runners pinned with taskset {self.pin_mask}" if self.pin_mask
+                    else f"; not pinned: {info['pin_note']}"))
+        return info
+
+    def force_idle(self) -> None:
+        """Doze the phone (deep idle) so background work does not share the CPUs, then settle."""
+        output = self.device.shell("dumpsys deviceidle force-idle").output.strip()
+        entered = "deep idle" in output and "Unable" not in output
+        self.result["idle"] = {"forced": entered, "force_idle": output[-300:], "settle_s": self.options.idle_settle_s,
+                               "restored": None}
+        self.save()
+        self.say(f"dumpsys deviceidle force-idle: {output[-120:]}" + (
+            f"; settling {self.options.idle_settle_s:g} s" if entered else ""))
+        if entered:
+            time.sleep(self.options.idle_settle_s)
+
+    def unforce_idle(self) -> None:
+        """`dumpsys deviceidle unforce`, whatever happened; a phone that no longer answers is recorded as such."""
+        try:
+            output = self.device.shell("dumpsys deviceidle unforce", timeout=60).output.strip()
+            restored: str = f"unforced: {output[-200:]}"
+        except AdbError as error:
+            restored = f"could not unforce (run `adb shell dumpsys deviceidle unforce`): {error}"
+        if self.result["idle"] is None:
+            self.result["idle"] = {"forced": None}
+        self.result["idle"]["restored"] = restored
+
     def thermal(self, cool_down: bool) -> dict[str, Any]:
         state = self.read_thermal()
         limit = self.options.cool_down_above_c
@@ -310,8 +450,10 @@ class DeviceRun:
         return state
 
     def read_thermal(self) -> dict[str, Any]:
-        """Battery temperature, thermal status and CPU governor; a value the phone does not give is None."""
-        state: dict[str, Any] = {"time": _now(), "battery_c": None, "thermal_status": None, "cpu0_governor": None}
+        """Battery temperature, thermal status, cpu0's and every cluster's CPU governor; a value the phone does not
+        give is None."""
+        state: dict[str, Any] = {"time": _now(), "battery_c": None, "thermal_status": None, "cpu0_governor": None,
+                                 "governors": None}
         battery = self.device.shell("dumpsys battery")
         match = re.search(r"temperature:\s*(-?\d+)", battery.output)
         if match:
@@ -324,6 +466,9 @@ class DeviceRun:
         governor = self.device.shell(f"cat {GOVERNOR}")
         if governor.exit_code == 0:
             state["cpu0_governor"] = governor.output.strip()
+        clusters = cpu_clusters(self.read_cpus())
+        if clusters:
+            state["governors"] = {cluster_label(c["cpus"]): c["governor"] for c in clusters}
         return state
 
     # -- pushing ---------------------------------------------------------------------------------
@@ -370,10 +515,37 @@ class DeviceRun:
 
     # -- running ---------------------------------------------------------------------------------
 
-    def runner(self, tool: str, args: list[str], label: str) -> str:
-        """Run a kit binary in the run folder; output on success, `DeviceFailure` on crash or hang."""
-        inner = f"echo $$ > {tool}.pid; exec ./{tool} {' '.join(shlex.quote(a) for a in args)}"
-        return self.script(f"cd {self.remote} && sh -c {shlex.quote(inner)} 2>&1", tool, label)
+    def runner(self, tool: str, args: list[str], label: str, measure: bool = False) -> str:
+        """Run a kit binary in the run folder; output on success, `DeviceFailure` on crash or hang.
+
+        `measure` (latency runs): the binary runs under `taskset` on the big cores (when pinning), and a wrapper
+        shell polls its VmHWM in /proc/PID/status until it exits (toybox has no `time -v`); the reading goes to
+        `row_peaks`. The wrapper runs on the other cores, so its polling does not share the runner's.
+        """
+        pin = f"taskset {self.pin_mask} " if measure and self.pin_mask else ""
+        inner = f"echo $$ > {tool}.pid; exec {pin}./{tool} {' '.join(shlex.quote(a) for a in args)}"
+        if not measure:
+            return self.script(f"cd {self.remote} && sh -c {shlex.quote(inner)} 2>&1", tool, label)
+        # Shell builtins only (read, case) between sleeps. The loop ends when the status has no VmHWM (a zombie, or
+        # gone); readings of the shells before the exec (sh, taskset) are not the runner's and are skipped.
+        wrapper = (f"sh -c {shlex.quote(inner)} & pid=$!; hwm=; "
+                   "while :; do n=; v=; while read -r k a _; do case $k in Name:) n=$a;; VmHWM:) v=$a;; esac; "
+                   "done 2>/dev/null < /proc/$pid/status; [ -n \"$v\" ] || break; "
+                   f"case $n in {'|'.join(NOT_RUNNERS)}) ;; *) hwm=$v;; esac; sleep {PEAK_POLL_S:g}; done; "
+                   f"wait $pid; code=$?; echo \"{PEAK_TAG} $hwm\"; exit $code")
+        others = self.other_cores_mask()
+        outer = f"taskset {others} sh -c {shlex.quote(wrapper)}" if others else f"sh -c {shlex.quote(wrapper)}"
+        output, peak = peak_rss_kb(self.script(f"cd {self.remote} && {outer} 2>&1", tool, label))
+        self.row_peaks.append(peak)
+        return output
+
+    def other_cores_mask(self) -> str | None:
+        """The mask of the cores outside the pinned ones, for the polling shell (None: no pinning, or no others)."""
+        if not self.pin_mask or not self.result["cpu"]:
+            return None
+        cpus = [c for cluster in self.result["cpu"]["clusters"] for c in cluster["cpus"]]
+        rest = sum(1 << c for c in cpus) & ~int(self.pin_mask, 16)
+        return format(rest, "x") if rest else None
 
     def script(self, command: str, tool: str, label: str) -> str:
         try:
@@ -507,6 +679,7 @@ class DeviceRun:
     def latency_row(self, artifact: dict[str, Any], delegate: str, threads: int) -> dict[str, Any]:
         row: dict[str, Any] = {"delegate": delegate, "threads": threads, "status": "ok", "reason": None}
         label = f"{artifact['file']} latency ({delegate}, {threads} thread(s))"
+        self.row_peaks = []
         try:
             if artifact["format"] == "executorch":
                 row.update(self.pte_latency(artifact, threads, label))
@@ -526,6 +699,10 @@ class DeviceRun:
                        f"{delegate} delegate: {refused}")
         self.say(f"{label}: " + (f"median {row['median_ms']:.3f} ms" if row.get("median_ms") is not None
                                  else row.get("reason") or ""))
+        peaks = [p for p in self.row_peaks if p is not None]
+        # The largest VmHWM of the row's runner processes (a row may take several); None if none was read.
+        row["peak_rss_kb"] = max(peaks) if peaks else None
+        row["pinned"] = self.pin_mask
         return row
 
     def pte_latency(self, artifact: dict[str, Any], threads: int, label: str) -> dict[str, Any]:
@@ -533,25 +710,40 @@ class DeviceRun:
 
         def executions(count: int) -> str:
             return self.runner("executor_runner", [f"--model_path={artifact['file']}", f"--num_executions={count}",
-                                                   f"--cpu_threads={threads}"], label)
+                                                   f"--cpu_threads={threads}"], label, measure=True)
 
-        output = executions(options.warmup + options.runs)
-        if has_iteration_lines(output) or executor_runner_total(output) is None:
-            return {"tool": "executor_runner", **parse_executor_runner(output, options.warmup)}
-        # An executor_runner that logs totals only: two more invocations isolate first inference and warm-up.
-        return {"tool": "executor_runner (totals)",
-                **parse_executor_runner_totals(executions(1), executions(options.warmup), output, options.warmup)}
+        def measured(runs: int) -> dict[str, Any]:
+            output = executions(options.warmup + runs)
+            if has_iteration_lines(output) or executor_runner_total(output) is None:
+                return {"tool": "executor_runner", **parse_executor_runner(output, options.warmup)}
+            # An executor_runner that logs totals only: two more invocations isolate first inference and warm-up.
+            return {"tool": "executor_runner (totals)",
+                    **parse_executor_runner_totals(executions(1), executions(options.warmup), output, options.warmup)}
+
+        row = measured(options.runs)
+        if options.min_secs > 0:
+            # executor_runner has no --min_secs: when the timed runs fell short, run again with as many executions
+            # as the measured mean says fill the floor (10 % over, for the spread), as benchmark_model would.
+            floor_ms = options.min_secs * 1000
+            mean = row.get("mean_ms") or row.get("trimmed_mean_ms") or row.get("median_ms")
+            timed_ms = (mean or 0) * row["runs"]
+            if mean and timed_ms < floor_ms:
+                row = measured(max(options.runs, math.ceil(1.1 * floor_ms / mean)))
+            mean = row.get("mean_ms") or row.get("trimmed_mean_ms") or row.get("median_ms") or 0
+            row["min_secs"] = {"floor_s": options.min_secs, "timed_s": round(mean * row["runs"] / 1000, 3),
+                               "how": "executor_runner has no --min_secs: runs extended from the measured mean"}
+        return row
 
     def tflite_latency(self, artifact: dict[str, Any], delegate: str, threads: int, label: str) -> dict[str, Any]:
         options = self.options
         off_cpu = delegate in OFF_CPU_DELEGATES
         output = self.runner("benchmark_model", [
             f"--graph={artifact['file']}", f"--num_threads={threads}", f"--warmup_runs={options.warmup}",
-            "--warmup_min_secs=0", f"--num_runs={options.runs}", "--min_secs=0",
+            "--warmup_min_secs=0", f"--num_runs={options.runs}", f"--min_secs={options.min_secs:g}",
             f"--use_xnnpack={str(delegate == 'xnnpack').lower()}", f"--use_gpu={str(delegate == 'gpu').lower()}",
             f"--use_nnapi={str(delegate == 'nnapi').lower()}",
             # Without it benchmark_model falls back to the CPU where the delegate takes no (or not every) op.
-            *(["--require_full_delegation=true"] if off_cpu else [])], label)
+            *(["--require_full_delegation=true"] if off_cpu else [])], label, measure=True)
         # Older builds ignore a delegate they could not create even with --require_full_delegation.
         delegation = require_delegation(output, delegate)
         parsed = parse_benchmark_model(output)
@@ -567,7 +759,7 @@ class DeviceRun:
             embed = parse_tflite_embed(self.runner("tflite_embed", [
                 f"--graph={artifact['file']}", f"--inputs={inputs}", "--count=1", f"--num_threads={threads}",
                 f"--use_xnnpack={str(delegate == 'xnnpack').lower()}", f"--warmup_runs={options.warmup}",
-                f"--num_runs={options.runs}"], label))
+                f"--num_runs={options.runs}"], label, measure=True))
             row.update(tool="benchmark_model + tflite_embed", median_ms=embed["median_ms"], p90_ms=embed["p90_ms"],
                        p95_ms=embed["p95_ms"], trimmed_mean_ms=embed["trimmed_mean_ms"],
                        distribution={"tool": "tflite_embed", **embed})

@@ -89,14 +89,22 @@ def _device_section(result: dict[str, Any], plot: str | None) -> list[str]:
         lines.append("")
     thermal = result.get("thermal") or {}
     if thermal:
-        lines += ["| moment | battery °C | thermal status | cpu0 governor |", "|---|---|---|---|"]
+        lines += ["| moment | battery °C | thermal status | CPU governors |", "|---|---|---|---|"]
         for moment in ("before", "after"):
             state = thermal.get(moment)
             if state:
                 extra = f" (cooled down {state['cool_down_s']} s)" if "cool_down_s" in state else ""
-                lines.append(f"| {moment}{extra} | {state['battery_c']} | {state['thermal_status']} | "
-                             f"{state['cpu0_governor']} |")
+                governors = state.get("governors")
+                shown = (", ".join(f"{cpus} {governor}" for cpus, governor in governors.items()) if governors
+                         else f"cpu0 {state['cpu0_governor']}")
+                lines.append(f"| {moment}{extra} | {state['battery_c']} | {state['thermal_status']} | {shown} |")
         lines.append("")
+    cpu = result.get("cpu")
+    if cpu:
+        clusters = ", ".join(f"cpu{c['cpus']} {(c['max_khz'] or 0) / 1e6:g} GHz" for c in cpu["clusters"])
+        pinned = (f"latency runners pinned to CPUs {cpu['pinned_cpus']} (`taskset {cpu['pin_mask']}`)"
+                  if cpu.get("pin_mask") else f"latency runners not pinned: {cpu.get('pin_note')}")
+        lines += [f"CPU clusters: {clusters}; {pinned}.", ""]
     artifacts = [a for a in result.get("artifacts", []) if a["status"] != "skipped"]
     if artifacts:
         lines += ["| artifact | status | cosine mean | cosine min | cosine p1 | flips / pairs | gates |",
@@ -111,17 +119,19 @@ def _device_section(result: dict[str, Any], plot: str | None) -> list[str]:
                          f"{_fmt(par.get('cosine_min'), 6)} | {_fmt(par.get('cosine_p1'), 6)} | {flips} | {gates} |")
         lines.append("")
         lines += ["| artifact | delegate | threads | load ms | first ms | median ms | p90 ms | p95 ms | "
-                  "trimmed mean ms | mean ms | runs | tool |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "trimmed mean ms | mean ms | runs | tool | peak RSS MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for artifact in artifacts:
             for row in artifact.get("latency", []):
                 if row["status"] != "ok":
                     lines.append(f"| {artifact['file']} | {row['delegate']} | {row['threads']} | "
-                                 f"{row['status']}: {(row['reason'] or '')[:80]} | – | – | – | – | – | – | – | – |")
+                                 f"{row['status']}: {(row['reason'] or '')[:80]} | – | – | – | – | – | – | – | – | – |")
                     continue
                 lines.append(f"| {artifact['file']} | {row['delegate']} | {row['threads']} | {_fmt(row['load_ms'])} | "
                              f"{_fmt(row['first_inference_ms'])} | {_fmt(row['median_ms'])} | {_fmt(row['p90_ms'])} | "
                              f"{_fmt(row.get('p95_ms'))} | {_fmt(row['trimmed_mean_ms'])} | "
-                             f"{_fmt(row.get('mean_ms'))} | {row['runs']} | {row['tool']} |")
+                             f"{_fmt(row.get('mean_ms'))} | {row['runs']} | {row['tool']} | "
+                             f"{_fmt(row['peak_rss_kb'] / 1024 if row.get('peak_rss_kb') else None, 1)} |")
         lines.append("")
     if plot:
         lines += [f"![latency on {result['serial']}]({plot})", ""]

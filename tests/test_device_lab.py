@@ -111,6 +111,24 @@ def test_two_phones_in_parallel_measure_parity_and_latency(lab: PhoneLab, build:
             thermal = result["thermal"][moment]
             assert thermal["battery_c"] == 30.1 and thermal["cpu0_governor"] == "schedutil"
             assert thermal["thermal_status"] == "0 (none)"
+            assert thermal["governors"] == {"cpu0-3": "schedutil", "cpu4-6": "schedutil", "cpu7": "performance"}
+        # The simulated phone's big core is cpu7 (3.0 GHz): mask 0x80; every latency runner went through taskset.
+        assert result["cpu"]["pin_mask"] == "80" and result["cpu"]["pinned_cpus"] == [7]
+        assert [(c["cpus"], c["max_khz"]) for c in result["cpu"]["clusters"]] == [
+            ([0, 1, 2, 3], 1_800_000), ([4, 5, 6], 2_400_000), ([7], 3_000_000)]
+        latency_commands = [c for c in phone.commands if "--num_runs=50" in c or "--num_executions=" in c]
+        assert latency_commands and all("exec taskset 80 ./" in c for c in latency_commands)
+        # The polling shell runs on the other cores (0x7f), the runners on 0x80.
+        log = (phone.root / "taskset.log").read_text().split("\n")
+        assert "80 ./benchmark_model" in log and "80 ./executor_runner" in log and "7f sh" in log
+        # Golden faces (parity) are not pinned.
+        assert not any("taskset 80" in c for c in phone.commands if "--output_filepath" in c)
+        for artifact in (a for a in result["artifacts"] if a["latency"]):
+            for row in artifact["latency"]:
+                assert row["pinned"] == "80"
+                if row["status"] == "ok":
+                    # The stand-in runners are real host processes: a Python interpreter's high-water mark.
+                    assert 1000 < row["peak_rss_kb"] < 10_000_000, row
         assert result["cleanup"].startswith("removed /data/local/tmp/mobile_harness/")
         assert remote_leftovers(phone) == []
         assert any(c.startswith("sha256sum /data/local/tmp/mobile_harness/") for c in phone.commands)
@@ -278,6 +296,38 @@ def test_hot_phone_cools_down_before_measuring(lab: PhoneLab, build: Path) -> No
     assert result["status"] == "ok"
 
 
+def test_no_pin_and_time_floored_runs(lab: PhoneLab, build: Path) -> None:
+    phone = lab.add()
+    result = run(lab, build, options(lab, pin_big_cores=False, min_secs=1.0))[phone.serial]
+    assert result["status"] == "ok", result
+    assert result["cpu"]["pin_mask"] is None and result["cpu"]["pin_note"] == "off (--no-pin)"
+    assert not any(f"taskset {mask} " in c for c in phone.commands for mask in ("80", "7f"))
+    assert not (phone.root / "taskset.log").exists()
+    rows = {a["file"]: a["latency"][0] for a in result["artifacts"] if a["latency"]}
+    tflite, pte = rows["tiny_fp32.tflite"], rows["tiny_fp32.pte"]
+    # benchmark_model got --min_secs=1 and ran for at least that long.
+    assert any("--min_secs=1 " in c for c in phone.commands)
+    assert tflite["runs"] >= 50 and tflite["runs"] * tflite["mean_ms"] >= 1000 * 0.99
+    # executor_runner was asked for more executions until the floor was met.
+    assert pte["min_secs"]["floor_s"] == 1.0 and pte["min_secs"]["timed_s"] >= 0.9 and pte["runs"] >= 50
+    assert pte["peak_rss_kb"] > 0 and tflite["peak_rss_kb"] > 0 and tflite["pinned"] is None
+
+
+def test_force_idle_is_undone_even_when_the_run_fails(lab: PhoneLab, build: Path) -> None:
+    healthy, crashing = lab.add(), lab.add(Faults(crash=["executor_runner"]))
+    results = run(lab, build, options(lab, force_idle=True, idle_settle_s=0.2))
+    for phone in (healthy, crashing):
+        idle = results[phone.serial]["idle"]
+        assert idle["forced"] is True and idle["force_idle"] == "Now forced in to deep idle mode"
+        assert idle["restored"].startswith("unforced: Light state: ACTIVE")
+        assert not (phone.root / "deviceidle_forced").exists()
+        commands = phone.commands
+        forced_at = next(i for i, c in enumerate(commands) if c.startswith("dumpsys deviceidle force-idle"))
+        unforced_at = next(i for i, c in enumerate(commands) if c.startswith("dumpsys deviceidle unforce"))
+        assert any("--num_runs=50" in c for c in commands[forced_at:unforced_at])
+    assert results[healthy.serial]["status"] == "ok" and results[crashing.serial]["status"] == "failed"
+
+
 def test_cli_lists_devices_runs_and_writes_the_device_report(lab: PhoneLab, build: Path, capsys) -> None:
     phone = lab.add()
     lab.add(Faults(unauthorized=True), expect_state="unauthorized")
@@ -298,6 +348,8 @@ def test_cli_lists_devices_runs_and_writes_the_device_report(lab: PhoneLab, buil
     assert "| gpu |" not in report and "| tiny_fp32.tflite | xnnpack | 1 |" in report
     assert "| tiny_fp32.pte | xnnpack (in .pte) | 2 |" in report
     assert "cosine_mean >= 0.9999: pass" in report
+    assert "| cpu0-3 schedutil, cpu4-6 schedutil, cpu7 performance |" in report
+    assert "latency runners pinned to CPUs [7] (`taskset 80`)" in report and "| peak RSS MiB |" in report
     plot = build / "devices" / phone.serial.replace(":", "_") / "latency.png"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["run", str(build), "--device", "R58M123ABC", "--kit", str(lab.kit), *port]) == 1
@@ -319,6 +371,8 @@ def test_cli_refuses_bad_settings_with_what_to_use(build: Path, capsys) -> None:
     assert "apt-get install -y adb" in capsys.readouterr().err
     assert main(["run", str(build), "--all", "--runs", "10"]) == 2
     assert "--runs 10: at least 50 timed runs" in capsys.readouterr().err
+    assert main(["run", str(build), "--all", "--min-secs", "-1"]) == 2
+    assert "--min-secs -1: give 0 (off) or more seconds" in capsys.readouterr().err
 
 
 @pytest.mark.device

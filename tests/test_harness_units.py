@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from mobile_harness.kit import KitError, kit_binaries
-from mobile_harness.lab import runner_failure, value_file_item
+from mobile_harness.lab import (
+    big_core_mask,
+    cluster_label,
+    cpu_clusters,
+    parse_cpus,
+    peak_rss_kb,
+    runner_failure,
+    value_file_item,
+)
 from mobile_harness.latency import (
     DelegateNotApplied,
     RunnerOutputError,
@@ -186,3 +194,39 @@ def test_kit_binary_for_another_cpu_is_refused(tmp_path: Path) -> None:
     (folder / "executor_runner").write_bytes(aarch64_elf)
     assert kit_binaries(tmp_path / "kit", "arm64-v8a", {"executorch", "coreml"}) == {
         "executor_runner": folder / "executor_runner"}
+
+
+# CPU_PROBE's lines from a phone with 4 little, 3 mid and 1 big core (cpu5 offline: nothing readable).
+CPU_LINES = """\
+cpu0|1800000|schedutil|0 1 2 3
+cpu1|1800000|schedutil|0 1 2 3
+cpu10|||
+cpu2|1800000|schedutil|0 1 2 3
+cpu3|1800000|schedutil|0 1 2 3
+cpu4|2400000|schedutil|4 5 6
+cpu5|||4 5 6
+cpu6|2400000|schedutil|4 5 6
+cpu7|3000000|performance|7
+"""
+
+
+def test_big_core_mask_and_clusters_from_cpufreq() -> None:
+    cores = parse_cpus(CPU_LINES)
+    assert [c["cpu"] for c in cores] == [0, 1, 2, 3, 4, 5, 6, 7, 10]
+    assert big_core_mask(cores) == "80"
+    clusters = cpu_clusters([c for c in cores if c["cpu"] != 10])
+    assert [(c["cpus"], c["max_khz"], c["governor"]) for c in clusters] == [
+        ([0, 1, 2, 3], 1800000, "schedutil"), ([4, 5, 6], 2400000, "schedutil"), ([7], 3000000, "performance")]
+    assert [cluster_label(c["cpus"]) for c in clusters] == ["cpu0-3", "cpu4-6", "cpu7"]
+    # Without related_cpus the cores group by max frequency; two big cores make a two-bit mask.
+    flat = parse_cpus("cpu0|1800000|schedutil|\ncpu1|1800000|schedutil|\ncpu2|2800000|performance|\n"
+                      "cpu3|2800000|performance|\n")
+    assert big_core_mask(flat) == "c"
+    assert [c["cpus"] for c in cpu_clusters(flat)] == [[0, 1], [2, 3]]
+    assert big_core_mask(parse_cpus("cpu0|||\n")) is None and cluster_label([0, 2]) == "cpu0,2"
+
+
+def test_peak_rss_line_is_cut_from_the_runner_output() -> None:
+    output, peak = peak_rss_kb("INFO: a\nmobile_harness peak_rss_kb: 51234\n")
+    assert output == "INFO: a\n" and peak == 51234
+    assert peak_rss_kb("x\nmobile_harness peak_rss_kb: \n") == ("x\n", None)

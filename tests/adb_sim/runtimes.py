@@ -230,8 +230,12 @@ def benchmark_model(argv: list[str], cwd: Path, out: TextIO, err: TextIO, legacy
                                                                                  flags["min_secs"])):
         print(f"INFO: Running benchmark for at least {runs} iterations and at least {float(secs):g} seconds but "
               f"terminate if exceeding {float(flags['max_secs']):g} seconds.", file=out)
-        # The harness passes min_secs=0, so the run count alone decides: none for --warmup_runs=0.
-        samples = [timed(lambda: model(x)) for _ in range(runs)]
+        # BenchmarkModel::Run: at least `runs` runs and at least `secs` seconds, stopping past max_secs.
+        samples: list[int] = []
+        begin = time.monotonic()
+        while (len(samples) < runs or time.monotonic() - begin < float(secs)) and (
+                time.monotonic() - begin <= float(flags["max_secs"])):
+            samples.append(timed(lambda: model(x)))
         print(f"INFO: {stat_line(samples, percentiles=not legacy)}\n", file=out)
         stats.append(samples)
     warmup, regular = stats

@@ -10,8 +10,10 @@ what the device lab uses (see AOSP packages/modules/adb/protocol.txt, SYNC.TXT, 
 - `sync:` with STAT / SEND / DATA / DONE / RECV / QUIT.
 
 Shell commands run with /bin/sh on the host inside a sandbox folder that stands in for the phone's
-file system: `/data/local/tmp` and `/sys/devices/system/cpu` are mapped into it, and fake
-`getprop`, `dumpsys`, `df` and `logcat` answer from the device description. Runner binaries the
+file system: `/data/local/tmp` and `/sys/devices/system/cpu` are mapped into it (each core's cpufreq
+`cpuinfo_max_freq`, `scaling_governor` and `related_cpus`), and fake `getprop`, `dumpsys`, `df`, `logcat`
+and `taskset` answer from the device description (`taskset MASK CMD` checks the mask, logs it to
+`taskset.log` in the sandbox and runs CMD unpinned). Runner binaries the
 harness pushes (the test runner kit) are host scripts, so they run here as they would on a phone.
 
 It is not a phone: no SELinux, no users, no real CPU frequency or thermal behaviour.
@@ -86,6 +88,10 @@ class DeviceProfile:
     abi: str = "arm64-v8a"
     android: str = "14"
     sdk: str = "34"
+    # Cores as (max kHz, governor), one per CPU, in cluster order: 4 little, 3 mid, 1 big, as on a
+    # recent big.LITTLE phone (the big core's governor differs so that per-cluster logging shows).
+    cpus: tuple[tuple[int, str], ...] = ((1_800_000, "schedutil"),) * 4 + ((2_400_000, "schedutil"),) * 3 + (
+        (3_000_000, "performance"),)
 
     def props(self) -> dict[str, str]:
         return {
@@ -277,15 +283,24 @@ class SimulatedDevice:
         self.connections: list[Connection] = []
         for prefix in MAPPED_PREFIXES:
             (self.root / prefix.lstrip("/")).mkdir(parents=True, exist_ok=True)
-        governor = self.root / "sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"
-        governor.parent.mkdir(parents=True, exist_ok=True)
-        governor.write_text("schedutil\n")
+        self._write_cpus()
         self._write_state()
         self.listener = socket.create_server(("127.0.0.1", port))
         self.port = self.listener.getsockname()[1]
         self.serial = f"127.0.0.1:{self.port}"
         self._accepting = threading.Thread(target=self._accept, daemon=True)
         self._accepting.start()
+
+    def _write_cpus(self) -> None:
+        """cpuN/cpufreq/{cpuinfo_max_freq,scaling_governor,related_cpus}; a cluster is a run of equal max kHz."""
+        cpus = self.profile.cpus
+        for index, (khz, governor) in enumerate(cpus):
+            folder = self.root / f"sys/devices/system/cpu/cpu{index}/cpufreq"
+            folder.mkdir(parents=True, exist_ok=True)
+            related = [i for i, (other, _) in enumerate(cpus) if other == khz]
+            (folder / "cpuinfo_max_freq").write_text(f"{khz}\n")
+            (folder / "scaling_governor").write_text(f"{governor}\n")
+            (folder / "related_cpus").write_text(" ".join(str(i) for i in related) + "\n")
 
     def _write_state(self) -> None:
         """The files the fake device tools and the test runner kit read."""

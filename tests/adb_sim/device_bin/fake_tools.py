@@ -1,4 +1,5 @@
-"""Fake Android system tools for the simulated phone: getprop, df, dumpsys, logcat.
+"""Fake Android system tools for the simulated phone: getprop, df, dumpsys (battery, thermalservice,
+deviceidle), logcat.
 
 Each answers in the format the real tool prints, from `$SIM_ROOT/sim_state.json`.
 """
@@ -44,6 +45,17 @@ def dumpsys(args: list[str]) -> None:
     elif args[:1] == ["thermalservice"]:
         print("IsStatusOverride: false\nThermalEventListeners:\n\tcallbacks: 1\nThermal Status: 0\n"
               "Cached temperatures:\n\tTemperature{mValue=33.2, mType=3, mName=battery, mStatus=0}")
+    elif args[:1] == ["deviceidle"]:
+        # DeviceIdleController's shell commands; the state is kept in the sandbox for tests to read.
+        state = ROOT / "deviceidle_forced"
+        if args[1:] == ["force-idle"]:
+            state.write_text("1")
+            print("Now forced in to deep idle mode")
+        elif args[1:] == ["unforce"]:
+            state.unlink(missing_ok=True)
+            print("Light state: ACTIVE, deep state: ACTIVE")
+        else:
+            print(f"Unknown command: {' '.join(args[1:])}")
     else:
         print(f"Can't find service: {' '.join(args)}", file=sys.stderr)
         sys.exit(1)
