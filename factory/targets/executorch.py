@@ -105,16 +105,9 @@ class ExecuTorchTarget:
         )
 
     def load_runner(self, path: Path, threads: int | None = None) -> Runner:
-        from executorch.extension.pybindings import portable_lib
         from executorch.runtime import Runtime
 
-        global _threadpool_size
-        if threads and threads != _threadpool_size:
-            # XNNPACK's process-wide threadpool; the pybindings expose its size for exactly this. Resetting it
-            # leaves methods loaded before the reset with a stale pool (running one crashes the process), so
-            # it is reset only when the size changes, and callers load a runner right before using it.
-            portable_lib._unsafe_reset_threadpool(threads)
-            _threadpool_size = threads
+        _size_threadpool(threads)
         method = Runtime.get().load_program(path).load_method("forward")
 
         def run_one(x: np.ndarray) -> np.ndarray:
@@ -139,7 +132,7 @@ class ExecuTorchTarget:
         from executorch.devtools import Inspector
         from executorch.extension.pybindings import portable_lib
 
-        self.load_runner(path, threads)  # sizes XNNPACK's threadpool as the verification runner does
+        _size_threadpool(threads)
         module = portable_lib._load_for_executorch(str(path), enable_etdump=True)
         inputs = [torch.from_numpy(np.ascontiguousarray(example))]
         for _ in range(3 + runs):
@@ -174,6 +167,18 @@ class ExecuTorchTarget:
                 "top": [{"op": name, "count": int(k["count"]), "ms": k["ms"],
                          "share": k["ms"] / total if total else 0.0, "delegated": k["delegated"]}
                         for name, k in ranked[:10]]}
+
+
+def _size_threadpool(threads: int | None) -> None:
+    """Size XNNPACK's process-wide threadpool; the pybindings expose its size for exactly this. Resetting it
+    leaves methods loaded before the reset with a stale pool (running one crashes the process), so it is reset
+    only when the size changes, and callers load a method right after."""
+    from executorch.extension.pybindings import portable_lib
+
+    global _threadpool_size
+    if threads and threads != _threadpool_size:
+        portable_lib._unsafe_reset_threadpool(threads)
+        _threadpool_size = threads
 
 
 # c10::ScalarType codes as the runtime's metadata reports them.
