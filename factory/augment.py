@@ -39,17 +39,40 @@ class StrongAugmentation:
     erase_area: tuple[float, float] = (0.02, 0.15)
 
 
-def basic_batch(batch: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.ndarray:
-    """Random horizontal flip and a small translation (zero padded) of an NHWC uint8 batch."""
+@dataclass(frozen=True)
+class BasicDraw:
+    """The random choices of `basic` augmentation for a batch: which faces flip, and each one's shift."""
+
+    flip: np.ndarray  # (N,) bool
+    shifts: np.ndarray | None  # (N, 2) offsets into the padded face, None without shifting
+
+    def __getitem__(self, part: slice) -> BasicDraw:
+        """The draws of a slice of the batch (a distributed rank's share of a global batch)."""
+        return BasicDraw(self.flip[part], None if self.shifts is None else self.shifts[part])
+
+
+def draw_basic(rng: np.random.Generator, count: int, max_shift: int) -> BasicDraw:
+    """Draw `basic` augmentation for `count` faces (flips first, then shifts: the order fixes the stream)."""
+    flip = rng.random(count) < 0.5
+    shifts = rng.integers(0, 2 * max_shift + 1, size=(count, 2)) if max_shift else None
+    return BasicDraw(flip, shifts)
+
+
+def apply_basic(batch: np.ndarray, draw: BasicDraw, max_shift: int) -> np.ndarray:
+    """Flip and translate (zero padded) an NHWC uint8 batch as `draw` says."""
     out = batch.copy()
-    flip = rng.random(len(out)) < 0.5
-    out[flip] = out[flip, :, ::-1]
-    if max_shift:
+    out[draw.flip] = out[draw.flip, :, ::-1]
+    if draw.shifts is not None:
         padded = np.pad(out, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)))
         side = batch.shape[1]
-        for index, (dy, dx) in enumerate(rng.integers(0, 2 * max_shift + 1, size=(len(out), 2))):
+        for index, (dy, dx) in enumerate(draw.shifts):
             out[index] = padded[index, dy : dy + side, dx : dx + side]
     return out
+
+
+def basic_batch(batch: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.ndarray:
+    """Random horizontal flip and a small translation (zero padded) of an NHWC uint8 batch."""
+    return apply_basic(batch, draw_basic(rng, len(batch), max_shift), max_shift)
 
 
 def strong_view(image: np.ndarray, rng: np.random.Generator,

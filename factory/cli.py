@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -152,6 +153,9 @@ def _train(args: argparse.Namespace) -> int:
                            "there is nothing to train; build it with `python -m factory build`")
     output = Path(args.output) if args.output else recipe.resolve(recipe.weights.path)
 
+    if os.environ.get("RANK", "0") != "0":  # a torchrun rank other than 0: it trains; rank 0 scores and writes
+        train(recipe, output, device=args.device)
+        return 0
     evaluation = load_evaluation_set(recipe)
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
@@ -241,6 +245,43 @@ def _data_prepare(args: argparse.Namespace) -> int:
         error = summary.landmark_error
         print(f"landmarks vs reference on {error['faces']} faces: normalised mean error {error['nme_mean']:.4f} "
               f"(median {error['nme_median']:.4f}, p95 {error['nme_p95']:.4f}, max {error['nme_max']:.4f})")
+    return 0
+
+
+def _face_data(args: argparse.Namespace) -> tuple[object, str]:
+    """The source named by `data convert/stats` and its format name."""
+    from factory.face_data import open_source, sniff_format
+
+    kind = args.format or sniff_format(args.source)
+    return open_source(args.source, kind, size=args.size, root=Path(args.root) if args.root else None), kind
+
+
+def _data_convert(args: argparse.Namespace) -> int:
+    from factory.face_data import convert
+
+    source, kind = _face_data(args)
+    out = Path(args.out)
+    if args.to == "recordio" and out.suffix != ".rec":
+        out = out / "train.rec"
+    options = {"header": not args.no_header} if args.to == "recordio" else {"shard_size": args.shard_size}
+    stats = convert(source, args.to, out, limit=args.limit, **options)
+    print(f"{kind} -> {args.to}: {stats.decoded} faces of {len(source.identities)} identities written to {out}")
+    print(stats.summary())
+    return 0
+
+
+def _data_stats(args: argparse.Namespace) -> int:
+    import json
+
+    from factory.face_data import WebDatasetSource, scan
+
+    source, kind = _face_data(args)
+    images = source.num_images if isinstance(source, WebDatasetSource) else len(source)
+    print(f"{args.source}: {kind}, {images} images, {len(source.identities)} identities")
+    stats = scan(source, workers=args.workers, limit=args.limit)
+    print(stats.summary())
+    if args.json:
+        Path(args.json).write_text(json.dumps(stats.to_json(), indent=2) + "\n")
     return 0
 
 
@@ -373,7 +414,7 @@ def make_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--data-root", help="use this face folder instead of data.root")
     evaluation.set_defaults(handler=_eval)
 
-    data = commands.add_parser("data", help="face data: detect and align raw photos")
+    data = commands.add_parser("data", help="face data: align raw photos, convert and check training sets")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     prepare = data_commands.add_parser("prepare", help="raw photos -> aligned 112x112 faces (MTCNN + 5 points)")
     prepare.add_argument("source", help="folder of photos: one sub-folder per identity, or flat")
@@ -383,6 +424,31 @@ def make_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--size", type=int, default=112)
     prepare.add_argument("--reference-landmarks", help="CSV of reference landmarks to score ours against")
     prepare.set_defaults(handler=_data_prepare)
+
+    def face_data_source(command: argparse.ArgumentParser) -> None:
+        command.add_argument("source", help="split file, identity folder, train.rec (or its folder), or WebDataset "
+                                            "shards (folder, .tar, shard-{000000..000099}.tar)")
+        command.add_argument("--format", help="list, folder, recordio or webdataset (default: judged by the path)")
+        command.add_argument("--root", help="list format: folder the split's paths are relative to (default: the "
+                                            "split file's folder)")
+        command.add_argument("--size", type=int, default=112, help="side of the decoded square faces")
+        command.add_argument("--limit", type=int, help="only the first N records (list, folder, RecordIO)")
+
+    data_convert = data_commands.add_parser("convert", help="copy training faces into RecordIO or WebDataset shards "
+                                                            "(image bytes unchanged, bad records left out)")
+    face_data_source(data_convert)
+    data_convert.add_argument("--to", required=True, help="recordio or webdataset")
+    data_convert.add_argument("out", help="the .rec file (or a folder for train.rec), or the shard folder")
+    data_convert.add_argument("--shard-size", type=int, default=10000, help="webdataset: faces per shard")
+    data_convert.add_argument("--no-header", action="store_true",
+                              help="recordio: a plain im2rec file, without insightface's header record")
+    data_convert.set_defaults(handler=_data_convert)
+    data_stats = data_commands.add_parser("stats", help="read every face once: counts, identities, bad records, "
+                                                        "decode images/s")
+    face_data_source(data_stats)
+    data_stats.add_argument("--workers", type=int, default=0, help="DataLoader decode workers (0: this process)")
+    data_stats.add_argument("--json", help="also write the counts as JSON here")
+    data_stats.set_defaults(handler=_data_stats)
 
     fetch = data_commands.add_parser("fetch", help="download, verify and align a public benchmark")
     fetch.add_argument("dataset", choices=("lfw",))

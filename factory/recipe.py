@@ -52,6 +52,7 @@ Precision = Annotated[str, OneOf(_precision_names)]
 Loss = Literal["arcface", "softmax", "triplet"]
 Augmentation = Literal["basic", "strong"]
 TeacherOutputs = Literal["online", "cached"]
+TrainPrecision = Literal["fp32", "bf16", "fp16"]
 # How int8 activation ranges are chosen from the calibration faces (factory/observers.py).
 ActivationObserver = Annotated[str, OneOf(_observer_names)]
 
@@ -155,6 +156,18 @@ class TrainConfig:
     # Start from these weights (safetensors, relative to the recipe) instead of a random initialisation.
     init_from: str | None = None
     distill: DistillConfig | None = None
+    # Speed settings (`docs/training.md`): autocast precision of the forward pass (fp16 adds a gradient scaler and
+    # needs a GPU), `torch.compile` of the model, synchronised batch norm across ranks (GPU only), and a
+    # checkpoint every this many steps besides the one after each epoch (0: after each epoch only).
+    precision: TrainPrecision = "fp32"
+    compile: bool = False
+    sync_batchnorm: bool = False
+    checkpoint_every: int = 0
+    # ArcFace centres split across the training processes (partial FC, `factory.partial_fc`), for identity counts
+    # whose classifier does not fit one GPU; `head_sample_rate` < 1 uses that share of each rank's centres per step
+    # (every class in the batch plus random negatives).
+    sharded_head: bool = False
+    head_sample_rate: float = 1.0
 
 
 @dataclass
@@ -486,6 +499,17 @@ def _check_rules(recipe: Recipe, problems: list[str]) -> None:
         for name in ("epochs", "batch_size"):
             if getattr(recipe.train, name) <= 0:
                 problems.append(f"train.{name}: must be positive")
+        if recipe.train.sharded_head and recipe.train.loss != "arcface":
+            problems.append(f"train.sharded_head: the sharded head is an ArcFace head; set train.loss: arcface "
+                            f"(got {recipe.train.loss!r}) or sharded_head: false")
+        if not 0.0 < recipe.train.head_sample_rate <= 1.0:
+            problems.append(f"train.head_sample_rate: a fraction in (0, 1], got {recipe.train.head_sample_rate}")
+        elif recipe.train.head_sample_rate < 1.0 and not recipe.train.sharded_head:
+            problems.append("train.head_sample_rate: sampling centres is part of the sharded head; set "
+                            "train.sharded_head: true")
+        if recipe.train.checkpoint_every < 0:
+            problems.append(f"train.checkpoint_every: 0 (after each epoch only) or a number of steps, got "
+                            f"{recipe.train.checkpoint_every}")
         if not 0.0 < recipe.train.identity_fraction <= 1.0:
             problems.append(f"train.identity_fraction: a fraction in (0, 1], got {recipe.train.identity_fraction}")
         if recipe.train.triplet_margin <= 0.0:

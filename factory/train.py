@@ -23,17 +23,21 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from factory.augment import basic_batch, face_keys, strong_views
+from factory import distributed
+from factory.augment import apply_basic, draw_basic, face_keys, strong_views
 from factory.benchmarks import read_pairs
 from factory.data import load_images, read_split, to_input_tensor
 from factory.distill import Distiller
+from factory.distributed import Ranks
 from factory.errors import FactoryError
 from factory.evaluation import EvaluationSet
 from factory.io import atomic_path
 from factory.losses import SoftmaxHead, identity_pair_batches, triplet_loss, triplet_steps_per_epoch
 from factory.models import create_model, model_entry
+from factory.partial_fc import ShardedMarginHead
 from factory.recipe import Recipe, TrainConfig, data_path
 from factory.teachers import teacher_card
 from factory.teachers.cache import cache_root, face_digests
@@ -88,7 +92,7 @@ def _monitor(model: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tensor
     count = len(unit)
     cosine_mean = ((unit @ unit.T).sum() - count) / (count * (count - 1))
     result = {"embedding_cosine_mean": round(float(cosine_mean), 4)}
-    if isinstance(head, ArcFaceHead):
+    if isinstance(head, ArcFaceHead) or (isinstance(head, ShardedMarginHead) and head.ranks.world_size == 1):
         scores = head.scores(embeddings)
     elif isinstance(head, SoftmaxHead):
         with torch.no_grad():
@@ -112,13 +116,34 @@ def _learning_rate(step: int, total: int, warmup: int, peak: float) -> float:
     return 0.5 * peak * (1.0 + math.cos(math.pi * progress))
 
 
-def _save_checkpoint(path: Path, modules: dict[str, nn.Module], optimizer: torch.optim.SGD, meta: dict) -> None:
+def _gather_sharded(head: nn.Module, optimizer: torch.optim.SGD) -> dict[str, torch.Tensor]:
+    """A sharded head's whole centre matrix and momentum (collectives); nothing for other heads."""
+    if not isinstance(head, ShardedMarginHead):
+        return {}
+    gathered = {"head.weight": head.full_weight()}
+    buffer = optimizer.state.get(head.weight, {}).get("momentum_buffer")
+    if buffer is not None:
+        gathered["head.weight.momentum"] = head.gather_classes(buffer)
+    return gathered
+
+
+def _save_checkpoint(path: Path, modules: dict[str, nn.Module], optimizer: torch.optim.SGD,
+                     gathered: dict[str, torch.Tensor], meta: dict) -> None:
+    """Model, head and optimiser state in one safetensors file; a sharded head's tensors whole (`gathered`).
+
+    Whole tensors let a run resume with another number of processes.
+    """
     tensors = {f"{prefix}.{k}": v for prefix, module in modules.items() for k, v in module.state_dict().items()}
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    head_weight = getattr(modules.get("head"), "weight", None)
     for index, param in enumerate(params):
         buffer = optimizer.state.get(param, {}).get("momentum_buffer")
+        if param is head_weight and "head.weight" in gathered:
+            buffer = gathered.get("head.weight.momentum")
         if buffer is not None:
             tensors[f"momentum.{index}"] = buffer
+    if "head.weight" in gathered:
+        tensors["head.weight"] = gathered["head.weight"]
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
                   metadata={"factory": json.dumps(meta)})
@@ -135,18 +160,32 @@ def _load_checkpoint(path: Path, modules: dict[str, nn.Module], optimizer: torch
         raise FactoryError(
             f"checkpoint {path} is corrupt or not a factory checkpoint ({error}); delete it to start over"
         ) from None
+    head = modules.get("head")
+    sharded = isinstance(head, ShardedMarginHead)
     for prefix, module in modules.items():
-        module.load_state_dict({k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{prefix}.")})
+        state = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{prefix}.")}
+        if module is head and sharded:
+            head.load_full_weight(state.pop("weight"))
+            continue
+        module.load_state_dict(state)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for index, param in enumerate(params):
         key = f"momentum.{index}"
         if key in tensors:
-            optimizer.state[param]["momentum_buffer"] = tensors[key].to(param.device)
+            buffer = tensors[key]
+            if sharded and param is head.weight:
+                buffer = head.local_classes(buffer)
+            optimizer.state[param]["momentum_buffer"] = buffer.to(param.device)
     return meta
 
 
-def _make_head(cfg: TrainConfig, embedding_size: int, num_classes: int) -> nn.Module:
+def _make_head(cfg: TrainConfig, embedding_size: int, num_classes: int, ranks: Ranks | None = None) -> nn.Module:
     """The classifier trained with the model; the triplet loss has none (an empty module keeps checkpoints uniform)."""
+    if cfg.sharded_head:
+        # Its gradient to the embeddings is scaled by the world size to undo DDP's averaging of the backbone's.
+        return ShardedMarginHead(embedding_size, num_classes, cfg.arcface_scale, cfg.arcface_margin,
+                                 sample_rate=cfg.head_sample_rate, ddp_backbone=ranks is not None and ranks.distributed,
+                                 seed=cfg.seed)
     if cfg.loss == "arcface":
         return ArcFaceHead(embedding_size, num_classes, cfg.arcface_scale, cfg.arcface_margin)
     if cfg.loss == "softmax":
@@ -186,6 +225,62 @@ def _unlabelled_faces(recipe: Recipe) -> list[Path]:
     return paths
 
 
+class _Objective(nn.Module):
+    """The per-step loss of the model, its head and the distillation projections: the unit DDP wraps."""
+
+    def __init__(self, model: nn.Module, head: nn.Module, distiller: Distiller | None, cfg: TrainConfig,
+                 forward_model: nn.Module | None = None) -> None:
+        super().__init__()
+        self.model, self.head, self.distiller, self.cfg = model, head, distiller, cfg
+        # A torch.compile'd view of the same parameters; the plain model stays the one checkpointed.
+        self.forward_model = forward_model if forward_model is not None else model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, labelled_total: int, world: int,
+                targets: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        embeddings = self.forward_model(x).float()
+        parts: dict[str, torch.Tensor] = {}
+        if self.cfg.loss == "triplet":
+            parts["label"] = triplet_loss(embeddings, y, self.cfg.triplet_margin)
+        elif isinstance(self.head, ShardedMarginHead):
+            known = y >= 0  # the sharded head returns the global batch's mean itself
+            parts["label"] = self.head(embeddings[known], y[known])
+        else:
+            # The mean over the global batch's labelled faces: DDP averages the ranks' gradients, so each rank
+            # scales its sum by world / (labelled faces of all ranks). In one process: the plain mean.
+            known = y >= 0
+            losses = F.cross_entropy(self.head(embeddings[known], y[known]), y[known], reduction="sum")
+            parts["label"] = losses * world / max(labelled_total, 1)
+        loss = parts["label"]
+        if self.distiller is not None:
+            parts.update(self.distiller.losses(embeddings, targets))
+            loss = self.cfg.distill.label_weight * parts["label"] + self.distiller.total(parts)
+        parts["total"] = loss
+        return parts
+
+
+def _draw(cfg: TrainConfig, rng: np.random.Generator, count: int, cached_views: int | None):
+    """The epoch generator's draws for one global batch of `count` faces (replayed to resume mid-epoch)."""
+    if cfg.augmentation == "strong":
+        return rng.integers(0, cached_views or 1 << 62, size=count)
+    return draw_basic(rng, count, cfg.max_shift)
+
+
+def _check_ranks(cfg: TrainConfig, ranks: Ranks, device: str) -> None:
+    if cfg.batch_size % ranks.world:
+        raise FactoryError(f"train.batch_size {cfg.batch_size} is the global batch, split evenly over {ranks.world} "
+                           f"processes: make it a multiple of {ranks.world}, or start that many fewer processes")
+    if cfg.loss == "triplet" and (cfg.batch_size // ranks.world) % 2:
+        raise FactoryError(f"triplet batches hold 2 images of each identity, so each of the {ranks.world} processes "
+                           f"needs an even share of train.batch_size {cfg.batch_size}: make it a multiple of "
+                           f"{2 * ranks.world}")
+    if cfg.sync_batchnorm and not device.startswith("cuda"):
+        raise FactoryError("train.sync_batchnorm synchronises batch norm across GPUs; PyTorch has no CPU version: "
+                           "set it to false to train on CPUs")
+    if cfg.precision == "fp16" and not device.startswith("cuda"):
+        raise FactoryError("train.precision fp16 needs a GPU (its gradient scaler is CUDA's); use bf16 or fp32 on "
+                           "CPUs")
+
+
 def train(
     recipe: Recipe,
     output: Path,
@@ -196,6 +291,10 @@ def train(
     held_out: EvaluationSet | None = None,
 ) -> dict:
     """Train the recipe's model on its training split and save the weights to `output`.
+
+    Launched by torchrun (`torchrun --nproc_per_node=N -m factory train RECIPE`), the processes train one
+    model together with DistributedDataParallel (`factory.distributed`); only rank 0 logs, evaluates,
+    checkpoints and writes the weights.
 
     Args:
         recipe: Validated recipe; `recipe.train` holds the schedule and loss settings.
@@ -213,9 +312,23 @@ def train(
     cfg = recipe.train
     if cfg is None:
         raise FactoryError(f"recipe {recipe.name!r} has no 'train' section; add one to train this model")
+    ranks, device = distributed.start(device)
+    _check_ranks(cfg, ranks, device)
+    if not ranks.main:
+        evaluate, held_out, evaluate_every_epoch = None, None, False
+
+        def log(_: str) -> None:
+            pass
+    summary = _train(recipe, cfg, output, device, ranks, evaluate, log, evaluate_every_epoch, held_out)
+    distributed.stop(ranks)
+    return summary
+
+
+def _train(recipe: Recipe, cfg: TrainConfig, output: Path, device: str, ranks: Ranks,
+           evaluate: Callable[[nn.Module], dict[str, float]] | None, log: Callable[[str], None],
+           evaluate_every_epoch: bool, held_out: EvaluationSet | None) -> dict:
     _seed_everything(cfg.seed)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = device.startswith("cuda")
     spec = recipe.model.input
     items = read_split(data_path(recipe, cfg.split), recipe.resolve(recipe.data.root))
     if cfg.identity_fraction < 1.0:
@@ -226,8 +339,10 @@ def train(
     labels_text = sorted({label for _, label in items})
     label_index = {label: i for i, label in enumerate(labels_text)}
     unlabelled = _unlabelled_faces(recipe)
+    where = f"{ranks.world} processes ({ranks.backend}), device {device.split(':')[0]}" if ranks.distributed \
+        else f"device {device}"
     log(f"training {recipe.model.architecture}: {len(items)} images, {len(labels_text)} identities"
-        f"{f', {len(unlabelled)} unlabelled faces' if unlabelled else ''}, device {device}")
+        f"{f', {len(unlabelled)} unlabelled faces' if unlabelled else ''}, {where}")
     images = load_images([path for path, _ in items] + unlabelled, spec.size)
     labels = np.array([label_index[label] for _, label in items] + [-1] * len(unlabelled), np.int64)
 
@@ -240,12 +355,19 @@ def train(
         init_sha256 = sha256_of(recipe.resolve(cfg.init_from))
         load_weights(model, recipe.resolve(cfg.init_from))
         log(f"initialised from {cfg.init_from}")
+    if cfg.sync_batchnorm and ranks.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=memory_format)
-    head = _make_head(cfg, recipe.model.embedding_size, len(labels_text)).to(device)
+    head = _make_head(cfg, recipe.model.embedding_size, len(labels_text), ranks).to(device)
     distiller = None
     if cfg.distill is not None:
+        # Rank 0 fills the teacher-embedding cache first; the others then read it instead of racing to write it.
+        if not ranks.main:
+            distributed.barrier(ranks)
         distiller = Distiller(cfg.distill, recipe.model.embedding_size, images, cfg.seed,
                               cache_root(cfg.distill.cache_dir, recipe.resolve), device, log).to(device)
+        if ranks.main:
+            distributed.barrier(ranks)
     view_keys = None  # stable per-face keys of the strong views, computed once
     if cfg.augmentation == "strong":
         view_keys = distiller.keys if distiller is not None else face_keys(face_digests(images))
@@ -260,6 +382,14 @@ def train(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.learning_rate, momentum=0.9, nesterov=True,
     )
+    objective: nn.Module = _Objective(model, head, distiller, cfg, torch.compile(model) if cfg.compile else None)
+    if ranks.distributed:
+        if isinstance(head, ShardedMarginHead):  # each rank holds other centres: never average them
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                objective, [f"head.{name}" for name, _ in head.named_parameters()])
+        objective = DistributedDataParallel(objective, device_ids=[ranks.local_rank] if cuda else None)
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16,
+                              enabled=cfg.precision != "fp32")
     if cfg.loss == "triplet":
         steps_per_epoch = triplet_steps_per_epoch(labels, cfg.batch_size // 2)
     else:
@@ -273,7 +403,7 @@ def train(
     monitor_y = torch.from_numpy(labels[sample]).to(device)
     held_out_teacher = distiller.teacher_embeddings(held_out.pixels_nhwc) if distiller and held_out else None
     checkpoint = output.parent / f"{output.stem}.ckpt" / "last.safetensors"
-    start_epoch, history = 0, []
+    start_epoch, start_batch, history, partial, grad_scale = 0, 0, [], {}, 2.0**16
     if checkpoint.is_file():
         meta = _load_checkpoint(checkpoint, trained, optimizer)
         if not _same_settings(meta.get("train_config"), cfg):
@@ -281,9 +411,27 @@ def train(
                 f"checkpoint {checkpoint} was made with other training settings; delete it to start over"
             )
         start_epoch, history = meta["epoch"], meta["history"]
-        log(f"resumed from {checkpoint} after epoch {start_epoch}")
+        start_batch, partial = meta.get("batch", 0), meta.get("partial", {})
+        grad_scale = meta.get("grad_scale", grad_scale)
+        log(f"resumed from {checkpoint} after epoch {start_epoch}"
+            f"{f' and {start_batch} steps of the next' if start_batch else ''}"
+            f"{f' (restart {ranks.restart} of the process group)' if ranks.restart else ''}")
+    distributed.same_on_all(ranks, (start_epoch, start_batch), "the checkpoint to resume from")
+    if isinstance(head, ShardedMarginHead):  # its negative sampling is a function of the step: repeat it exactly
+        head.sampling_step = start_epoch * steps_per_epoch + start_batch
+    share = ranks.share(cfg.batch_size)  # triplet batches hold batch_size / 2 identities x 2 images, too
+    # fp16 scales the loss so small gradients survive; a resumed run goes on with the scale it had reached.
+    scaler = torch.amp.GradScaler("cuda", init_scale=grad_scale, enabled=cfg.precision == "fp16")
 
-    started = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
+    def save(epoch: int, batch: int, partial: dict) -> None:
+        gathered = _gather_sharded(head, optimizer)  # a collective: every rank takes part
+        if ranks.main:
+            _save_checkpoint(checkpoint, trained, optimizer, gathered,
+                             {"epoch": epoch, "batch": batch, "partial": partial, "history": history,
+                              "train_config": asdict(cfg), **({"grad_scale": scaler.get_scale()} if scaler.is_enabled()
+                                                              else {})})
+
+    started = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0) - partial.get("elapsed_s", 0.0)
     for epoch in range(start_epoch, cfg.epochs):
         rng = np.random.default_rng(cfg.seed + epoch)
         if cfg.loss == "triplet":
@@ -291,70 +439,80 @@ def train(
         else:
             order = rng.permutation(len(images))
             batches = [order[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(steps_per_epoch)]
+        cached_views = cfg.distill.cached_views if distiller and distiller.cached else None
+        first = start_batch if epoch == start_epoch else 0
+        for batch_index in range(first):  # the draws of the steps a mid-epoch checkpoint already took
+            _draw(cfg, rng, len(batches[batch_index]), cached_views)
         for module in trained.values():
             module.train()
-        sums: dict[str, float] = {}
-        seen = 0
-        progress = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, mininterval=5)
+        sums: dict[str, float] = dict(partial.get("sums", {})) if first else {}
+        seen = partial.get("seen", 0) if first else 0
+        epoch_started = time.perf_counter() - (partial.get("epoch_s", 0.0) if first else 0.0)
+        progress = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                        mininterval=5, disable=not ranks.main)
         for batch_index in progress:
             step = epoch * steps_per_epoch + batch_index
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(step, total_steps, cfg.warmup_steps, cfg.learning_rate)
-            index = batches[batch_index]
+            draws = _draw(cfg, rng, len(batches[batch_index]), cached_views)
+            index = batches[batch_index][share]  # this rank's slice of the global batch, with its draws
             views = None
             if cfg.augmentation == "strong":
-                views = rng.integers(0, cfg.distill.cached_views if distiller and distiller.cached else 1 << 62,
-                                     size=len(index))
+                views = draws[share]
                 batch = strong_views(images[index], view_keys[index], views, cfg.seed)
             else:
-                batch = basic_batch(images[index], rng, cfg.max_shift)
+                batch = apply_basic(images[index], draws[share], cfg.max_shift)
             x = torch.from_numpy(to_input_tensor(batch, spec.mean, spec.std, "NCHW", spec.color_order))
             x = x.to(device, memory_format=memory_format)
             y = torch.from_numpy(labels[index]).to(device)
-            embeddings = model(x)
-            parts: dict[str, torch.Tensor] = {}
-            if cfg.loss == "triplet":
-                parts["label"] = triplet_loss(embeddings, y, cfg.triplet_margin)
-            else:
-                known = y >= 0
-                parts["label"] = F.cross_entropy(head(embeddings[known], y[known]), y[known])
-            loss = parts["label"]
-            if distiller is not None:
-                parts.update(distiller.losses(embeddings, distiller.targets(index, views, batch)))
-                loss = cfg.distill.label_weight * parts["label"] + distiller.total(parts)
-            parts["total"] = loss
+            targets = distiller.targets(index, views, batch) if distiller is not None else None
+            labelled_total = int((labels[batches[batch_index]] >= 0).sum())
+            with autocast:
+                parts = objective(x, y, labelled_total, ranks.world, targets)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(parts["total"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + value.item() * len(index)
             seen += len(index)
             progress.set_postfix(loss=f"{sums['total'] / seen:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}")
+            done = batch_index + 1
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps_per_epoch:
+                save(epoch, done, {"sums": sums, "seen": seen, "elapsed_s": time.perf_counter() - started
+                                   - (history[-1]["elapsed_s"] if history else 0.0),
+                                   "epoch_s": time.perf_counter() - epoch_started})
+        epoch_s = time.perf_counter() - epoch_started
+        totals = distributed.sum_across(ranks, {**sums, "seen": float(seen)}, device)
+        seen_all = totals.pop("seen")
         elapsed = time.perf_counter() - started
-        record: dict = {"epoch": epoch + 1, "loss": sums["total"] / seen, "elapsed_s": round(elapsed, 1)}
+        record: dict = {"epoch": epoch + 1, "loss": totals["total"] / seen_all, "elapsed_s": round(elapsed, 1),
+                        "images_per_s": round(seen_all / epoch_s, 1)}
+        if cuda:
+            record["gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         if distiller is not None:
-            record["losses"] = {key: round(value / seen, 5) for key, value in sums.items() if key != "total"}
+            record["losses"] = {key: round(value / seen_all, 5) for key, value in totals.items() if key != "total"}
         history.append(record)
         monitor_started = time.perf_counter()
-        record["monitor"] = _monitor(model, head, monitor_x, monitor_y)
-        if held_out is not None:
-            record["held_out"] = _score_held_out(recipe, model, held_out, distiller, held_out_teacher, device)
+        if ranks.main:
+            record["monitor"] = _monitor(model, head, monitor_x, monitor_y)
+            if held_out is not None:
+                record["held_out"] = _score_held_out(recipe, model, held_out, distiller, held_out_teacher, device)
+            if evaluate is not None and evaluate_every_epoch:
+                record["evaluation"] = evaluate(copy.deepcopy(model).cpu().eval())
+                log(f"epoch {epoch + 1} evaluation: {record['evaluation']}")
         started += time.perf_counter() - monitor_started  # elapsed_s counts training only
-        if evaluate is not None and evaluate_every_epoch:
-            scoring_started = time.perf_counter()
-            record["evaluation"] = evaluate(copy.deepcopy(model).cpu().eval())
-            started += time.perf_counter() - scoring_started  # elapsed_s counts training only
-            log(f"epoch {epoch + 1} evaluation: {record['evaluation']}")
-        _save_checkpoint(checkpoint, trained, optimizer,
-                         {"epoch": epoch + 1, "history": history, "train_config": asdict(cfg)})
-        watch = ", ".join(f"{key} {value}" for key, value in {**record.get("losses", {}), **record["monitor"],
+        save(epoch + 1, 0, {})
+        watch = ", ".join(f"{key} {value}" for key, value in {**record.get("losses", {}), **record.get("monitor", {}),
                                                                **record.get("held_out", {})}.items())
-        log(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f} ({elapsed / 60:.1f} min); {watch}")
+        log(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f} ({elapsed / 60:.1f} min, "
+            f"{record['images_per_s']:.0f} images/s{_memory_note(record)}); {watch}")
 
     model.eval()
+    spread = distributed.weights_spread(ranks, model)
     summary = {
         "architecture": recipe.model.architecture,
-        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": _device_name(device, ranks),
         "images": len(items),
         "identities": len(labels_text),
         "unlabelled_images": len(unlabelled),
@@ -364,8 +522,14 @@ def train(
         "history": history,
         "wall_time_s": history[-1]["elapsed_s"] if history else 0.0,
     }
+    if ranks.distributed:
+        summary["distributed"] = {"world_size": ranks.world, "backend": ranks.backend, "restarts": ranks.restart,
+                                  "weights_spread_across_ranks": spread}
+        log(f"{ranks.world} ranks finished; largest weight difference between ranks: {spread:.3g}")
     if distiller is not None:
         summary["teachers"] = {name: teacher_card(name, teacher.digest) for name, teacher in distiller.teachers.items()}
+    if not ranks.main:
+        return summary
     final = _monitor(model, head, monitor_x, monitor_y)
     summary["monitor"] = final
     if final["embedding_cosine_mean"] > COLLAPSED_COSINE:
@@ -381,6 +545,18 @@ def train(
     with atomic_path(output.with_suffix(".train.json")) as tmp:
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _device_name(device: str, ranks: Ranks) -> str:
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu ({torch.get_num_threads()} threads)"
+    return f"{ranks.world} x {name}" if ranks.distributed else name
+
+
+def _memory_note(record: dict) -> str:
+    return f", {record['gpu_memory_gib']} GiB GPU memory" if "gpu_memory_gib" in record else ""
 
 
 def _score_held_out(recipe: Recipe, model: nn.Module, held_out: EvaluationSet, distiller: Distiller | None,
