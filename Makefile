@@ -4,7 +4,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: build test test-slow lint adb bench
+.PHONY: build test test-slow lint adb arm64 bench
 
 $(VENV)/.installed: pyproject.toml
 	python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
@@ -23,11 +23,17 @@ adb:
 	    echo "error: could not install adb; as root run 'apt-get install -y adb' (or put Android SDK" \
 	         "platform-tools' adb on PATH), then rerun make" >&2; exit 1; }; }
 
+# The simulated arm64 phone's tests (pytest -m arm64) run aarch64 code under qemu-user: Debian's qemu-user and
+# g++-aarch64-linux-gnu, Debian's arm64 Python and the runtimes' aarch64 wheels, in .cache/arm64 (about 210 MB).
+arm64: $(VENV)/.installed
+	PYTHON=$(PY) tests/adb_sim/arm64/build.sh .cache/arm64
+
 build: $(VENV)/.installed
 	$(PY) -m factory build recipes/mobilefacenet.yaml
 
-test: $(VENV)/.installed adb
-	$(PY) -m pytest
+# MOBILE_HARNESS_REQUIRE_ARM64: the arm64 tests fail, rather than skip, when their tools are missing.
+test: $(VENV)/.installed adb arm64
+	MOBILE_HARNESS_REQUIRE_ARM64=1 $(PY) -m pytest
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -m slow

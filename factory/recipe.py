@@ -53,6 +53,7 @@ Loss = Literal["arcface", "softmax", "triplet"]
 Augmentation = Literal["basic", "strong"]
 TeacherOutputs = Literal["online", "cached"]
 TrainPrecision = Literal["fp32", "bf16", "fp16"]
+DataFormat = Literal["list", "folder", "recordio", "webdataset"]
 # How int8 activation ranges are chosen from the calibration faces (factory/observers.py).
 ActivationObserver = Annotated[str, OneOf(_observer_names)]
 
@@ -138,6 +139,13 @@ class TrainConfig:
     """
 
     split: str
+    # `split`'s format (docs/training.md): `list` (`path<TAB>label`, loaded into memory), or read while training:
+    # `folder` (identity/image tree), `recordio` (insightface train.rec + train.idx), `webdataset` (tar shards,
+    # streamed). None: judged from the path. `loader_workers` decode the streamed formats; an epoch with more than
+    # `max_bad_share` undecodable or unlabelled records stops the run.
+    format: DataFormat | None = None
+    loader_workers: int = 4
+    max_bad_share: float = 0.01
     epochs: int = 20
     batch_size: int = 128
     learning_rate: float = 0.1
@@ -507,6 +515,11 @@ def _check_rules(recipe: Recipe, problems: list[str]) -> None:
         elif recipe.train.head_sample_rate < 1.0 and not recipe.train.sharded_head:
             problems.append("train.head_sample_rate: sampling centres is part of the sharded head; set "
                             "train.sharded_head: true")
+        if recipe.train.loader_workers < 0:
+            problems.append(f"train.loader_workers: 0 (decode in the training process) or more, got "
+                            f"{recipe.train.loader_workers}")
+        if not 0.0 <= recipe.train.max_bad_share < 1.0:
+            problems.append(f"train.max_bad_share: a fraction in [0, 1), got {recipe.train.max_bad_share}")
         if recipe.train.checkpoint_every < 0:
             problems.append(f"train.checkpoint_every: 0 (after each epoch only) or a number of steps, got "
                             f"{recipe.train.checkpoint_every}")
@@ -536,7 +549,9 @@ def _check_rules(recipe: Recipe, problems: list[str]) -> None:
         if not benchmark.pairs.endswith(".bin"):
             checks.append((f"data.benchmarks[{index}].images", str(Path(recipe.data.root) / benchmark.images), "dir"))
     if recipe.train is not None:
-        checks.append(("train.split", str(Path(recipe.data.root) / recipe.train.split), "file"))
+        split = recipe.train.split
+        if not any(char in split for char in "{*?["):  # a WebDataset shard range or glob is checked when read
+            checks.append(("train.split", str(Path(recipe.data.root) / split), "path"))
         if recipe.train.init_from is not None:
             checks.append(("train.init_from", recipe.train.init_from, "file"))
         for index, split in enumerate(recipe.train.distill.unlabelled if recipe.train.distill else []):
@@ -548,7 +563,7 @@ def _check_rules(recipe: Recipe, problems: list[str]) -> None:
         checks.append((f"ablation[{index}].weights.path", run.weights.path, "file"))
     for key, relative, kind in checks:
         resolved = recipe.resolve(relative)
-        exists = resolved.is_dir() if kind == "dir" else resolved.is_file()
+        exists = {"dir": resolved.is_dir, "file": resolved.is_file, "path": resolved.exists}[kind]()
         if not exists:
             problems.append(f"{key}: {kind} not found: {resolved}")
     if recipe.pipeline is not None:

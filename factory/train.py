@@ -27,20 +27,20 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from factory import distributed
-from factory.augment import apply_basic, draw_basic, face_keys, strong_views
 from factory.benchmarks import read_pairs
-from factory.data import load_images, read_split, to_input_tensor
+from factory.data import to_input_tensor
 from factory.distill import Distiller
 from factory.distributed import Ranks
 from factory.errors import FactoryError
 from factory.evaluation import EvaluationSet
 from factory.io import atomic_path
-from factory.losses import SoftmaxHead, identity_pair_batches, triplet_loss, triplet_steps_per_epoch
+from factory.losses import SoftmaxHead, triplet_loss
 from factory.models import create_model, model_entry
 from factory.partial_fc import ShardedMarginHead
 from factory.recipe import Recipe, TrainConfig, data_path
 from factory.teachers import teacher_card
-from factory.teachers.cache import cache_root, face_digests
+from factory.teachers.cache import cache_root
+from factory.training_data import training_faces
 from factory.weights import load_weights, save_weights, sha256_of
 
 
@@ -73,7 +73,6 @@ class ArcFaceHead(nn.Module):
 # A trained embedding whose faces' mean pairwise cosine exceeds this has collapsed into a narrow cone:
 # verification then fails (the failed SeesawFaceNet run: 0.76, LFW 56%), whatever the training loss says.
 COLLAPSED_COSINE = 0.5
-MONITOR_IMAGES = 512
 
 
 def _monitor(model: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -258,13 +257,6 @@ class _Objective(nn.Module):
         return parts
 
 
-def _draw(cfg: TrainConfig, rng: np.random.Generator, count: int, cached_views: int | None):
-    """The epoch generator's draws for one global batch of `count` faces (replayed to resume mid-epoch)."""
-    if cfg.augmentation == "strong":
-        return rng.integers(0, cached_views or 1 << 62, size=count)
-    return draw_basic(rng, count, cfg.max_shift)
-
-
 def _check_ranks(cfg: TrainConfig, ranks: Ranks, device: str) -> None:
     if cfg.batch_size % ranks.world:
         raise FactoryError(f"train.batch_size {cfg.batch_size} is the global batch, split evenly over {ranks.world} "
@@ -330,21 +322,12 @@ def _train(recipe: Recipe, cfg: TrainConfig, output: Path, device: str, ranks: R
     _seed_everything(cfg.seed)
     cuda = device.startswith("cuda")
     spec = recipe.model.input
-    items = read_split(data_path(recipe, cfg.split), recipe.resolve(recipe.data.root))
-    if cfg.identity_fraction < 1.0:
-        identities = sorted({label for _, label in items})
-        keep = round(cfg.identity_fraction * len(identities))
-        chosen = set(np.random.default_rng(cfg.seed).permutation(identities)[:keep].tolist())
-        items = [item for item in items if item[1] in chosen]
-    labels_text = sorted({label for _, label in items})
-    label_index = {label: i for i, label in enumerate(labels_text)}
     unlabelled = _unlabelled_faces(recipe)
+    faces = training_faces(recipe, cfg, ranks, unlabelled, device, log)
     where = f"{ranks.world} processes ({ranks.backend}), device {device.split(':')[0]}" if ranks.distributed \
         else f"device {device}"
-    log(f"training {recipe.model.architecture}: {len(items)} images, {len(labels_text)} identities"
-        f"{f', {len(unlabelled)} unlabelled faces' if unlabelled else ''}, {where}")
-    images = load_images([path for path, _ in items] + unlabelled, spec.size)
-    labels = np.array([label_index[label] for _, label in items] + [-1] * len(unlabelled), np.int64)
+    log(f"training {recipe.model.architecture}: {faces.labelled_count} images, {len(faces.identities)} identities"
+        f"{f', {faces.unlabelled_count} unlabelled faces' if faces.unlabelled_count else ''}, {where}")
 
     # channels_last roughly doubles CPU training speed of depthwise-heavy networks (the registry says where not).
     channels_last = model_entry(recipe.model.architecture).channels_last_training
@@ -358,19 +341,19 @@ def _train(recipe: Recipe, cfg: TrainConfig, output: Path, device: str, ranks: R
     if cfg.sync_batchnorm and ranks.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=memory_format)
-    head = _make_head(cfg, recipe.model.embedding_size, len(labels_text), ranks).to(device)
+    head = _make_head(cfg, recipe.model.embedding_size, len(faces.identities), ranks).to(device)
     distiller = None
     if cfg.distill is not None:
         # Rank 0 fills the teacher-embedding cache first; the others then read it instead of racing to write it.
         if not ranks.main:
             distributed.barrier(ranks)
-        distiller = Distiller(cfg.distill, recipe.model.embedding_size, images, cfg.seed,
+        distiller = Distiller(cfg.distill, recipe.model.embedding_size, faces.images, cfg.seed,
                               cache_root(cfg.distill.cache_dir, recipe.resolve), device, log).to(device)
         if ranks.main:
             distributed.barrier(ranks)
-    view_keys = None  # stable per-face keys of the strong views, computed once
-    if cfg.augmentation == "strong":
-        view_keys = distiller.keys if distiller is not None else face_keys(face_digests(images))
+    if cfg.augmentation == "strong":  # stable per-face keys of the strong views, computed once
+        faces.use_view_keys(distiller.keys if distiller is not None else None,
+                            cfg.distill.cached_views if distiller and distiller.cached else None)
     trained: dict[str, nn.Module] = {"model": model, "head": head}
     if distiller is not None:
         trained["projection"] = distiller.projections
@@ -390,17 +373,15 @@ def _train(recipe: Recipe, cfg: TrainConfig, output: Path, device: str, ranks: R
         objective = DistributedDataParallel(objective, device_ids=[ranks.local_rank] if cuda else None)
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16,
                               enabled=cfg.precision != "fp32")
-    if cfg.loss == "triplet":
-        steps_per_epoch = triplet_steps_per_epoch(labels, cfg.batch_size // 2)
-    else:
-        steps_per_epoch = len(images) // cfg.batch_size
+    steps_per_epoch = faces.steps_per_epoch
     total_steps = steps_per_epoch * cfg.epochs
-    labelled = np.flatnonzero(labels >= 0)
-    sample = labelled[np.random.default_rng(cfg.seed).permutation(len(labelled))[:MONITOR_IMAGES]]
-    monitor_x = torch.from_numpy(
-        to_input_tensor(images[sample], spec.mean, spec.std, "NCHW", spec.color_order)
-    ).to(device, memory_format=memory_format)
-    monitor_y = torch.from_numpy(labels[sample]).to(device)
+    monitor_images, monitor_labels = faces.monitor(cfg.seed) if ranks.main else (None, None)
+    monitor_x = monitor_y = None
+    if ranks.main:
+        monitor_x = torch.from_numpy(
+            to_input_tensor(monitor_images, spec.mean, spec.std, "NCHW", spec.color_order)
+        ).to(device, memory_format=memory_format)
+        monitor_y = torch.from_numpy(monitor_labels).to(device)
     held_out_teacher = distiller.teacher_embeddings(held_out.pixels_nhwc) if distiller and held_out else None
     checkpoint = output.parent / f"{output.stem}.ckpt" / "last.safetensors"
     start_epoch, start_batch, history, partial, grad_scale = 0, 0, [], {}, 2.0**16
@@ -419,7 +400,6 @@ def _train(recipe: Recipe, cfg: TrainConfig, output: Path, device: str, ranks: R
     distributed.same_on_all(ranks, (start_epoch, start_batch), "the checkpoint to resume from")
     if isinstance(head, ShardedMarginHead):  # its negative sampling is a function of the step: repeat it exactly
         head.sampling_step = start_epoch * steps_per_epoch + start_batch
-    share = ranks.share(cfg.batch_size)  # triplet batches hold batch_size / 2 identities x 2 images, too
     # fp16 scales the loss so small gradients survive; a resumed run goes on with the scale it had reached.
     scaler = torch.amp.GradScaler("cuda", init_scale=grad_scale, enabled=cfg.precision == "fp16")
 
@@ -433,49 +413,32 @@ def _train(recipe: Recipe, cfg: TrainConfig, output: Path, device: str, ranks: R
 
     started = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0) - partial.get("elapsed_s", 0.0)
     for epoch in range(start_epoch, cfg.epochs):
-        rng = np.random.default_rng(cfg.seed + epoch)
-        if cfg.loss == "triplet":
-            batches = identity_pair_batches(labels, cfg.batch_size // 2, rng)
-        else:
-            order = rng.permutation(len(images))
-            batches = [order[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(steps_per_epoch)]
-        cached_views = cfg.distill.cached_views if distiller and distiller.cached else None
         first = start_batch if epoch == start_epoch else 0
-        for batch_index in range(first):  # the draws of the steps a mid-epoch checkpoint already took
-            _draw(cfg, rng, len(batches[batch_index]), cached_views)
         for module in trained.values():
             module.train()
         sums: dict[str, float] = dict(partial.get("sums", {})) if first else {}
         seen = partial.get("seen", 0) if first else 0
         epoch_started = time.perf_counter() - (partial.get("epoch_s", 0.0) if first else 0.0)
-        progress = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+        progress = tqdm(zip(range(first, steps_per_epoch), faces.steps(epoch, first), strict=True),
+                        total=steps_per_epoch - first, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                         mininterval=5, disable=not ranks.main)
-        for batch_index in progress:
+        for batch_index, data in progress:
             step = epoch * steps_per_epoch + batch_index
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(step, total_steps, cfg.warmup_steps, cfg.learning_rate)
-            draws = _draw(cfg, rng, len(batches[batch_index]), cached_views)
-            index = batches[batch_index][share]  # this rank's slice of the global batch, with its draws
-            views = None
-            if cfg.augmentation == "strong":
-                views = draws[share]
-                batch = strong_views(images[index], view_keys[index], views, cfg.seed)
-            else:
-                batch = apply_basic(images[index], draws[share], cfg.max_shift)
-            x = torch.from_numpy(to_input_tensor(batch, spec.mean, spec.std, "NCHW", spec.color_order))
+            x = torch.from_numpy(to_input_tensor(data.batch, spec.mean, spec.std, "NCHW", spec.color_order))
             x = x.to(device, memory_format=memory_format)
-            y = torch.from_numpy(labels[index]).to(device)
-            targets = distiller.targets(index, views, batch) if distiller is not None else None
-            labelled_total = int((labels[batches[batch_index]] >= 0).sum())
+            y = torch.from_numpy(data.labels).to(device)
+            targets = distiller.targets(data.index, data.views, data.batch) if distiller is not None else None
             with autocast:
-                parts = objective(x, y, labelled_total, ranks.world, targets)
+                parts = objective(x, y, data.labelled_total, ranks.world, targets)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(parts["total"]).backward()
             scaler.step(optimizer)
             scaler.update()
             for key, value in parts.items():
-                sums[key] = sums.get(key, 0.0) + value.item() * len(index)
-            seen += len(index)
+                sums[key] = sums.get(key, 0.0) + value.item() * len(data.labels)
+            seen += len(data.labels)
             progress.set_postfix(loss=f"{sums['total'] / seen:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}")
             done = batch_index + 1
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps_per_epoch:
@@ -492,6 +455,8 @@ def _train(recipe: Recipe, cfg: TrainConfig, output: Path, device: str, ranks: R
             record["gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         if distiller is not None:
             record["losses"] = {key: round(value / seen_all, 5) for key, value in totals.items() if key != "total"}
+        loader = faces.epoch_record()
+        record.update({key: value for key, value in loader.items() if key != "loader_summary"})
         history.append(record)
         monitor_started = time.perf_counter()
         if ranks.main:
@@ -507,15 +472,17 @@ def _train(recipe: Recipe, cfg: TrainConfig, output: Path, device: str, ranks: R
                                                                **record.get("held_out", {})}.items())
         log(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f} ({elapsed / 60:.1f} min, "
             f"{record['images_per_s']:.0f} images/s{_memory_note(record)}); {watch}")
+        if "loader_summary" in loader:
+            log(f"epoch {epoch + 1} data (rank 0): {loader['loader_summary']}")
 
     model.eval()
     spread = distributed.weights_spread(ranks, model)
     summary = {
         "architecture": recipe.model.architecture,
         "device": _device_name(device, ranks),
-        "images": len(items),
-        "identities": len(labels_text),
-        "unlabelled_images": len(unlabelled),
+        "images": faces.labelled_count,
+        "identities": len(faces.identities),
+        "unlabelled_images": faces.unlabelled_count,
         "epochs": cfg.epochs,
         "train_config": asdict(cfg),
         **({"init_from_sha256": init_sha256} if init_sha256 else {}),

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mobile_harness.adb import Adb, AdbError, Device
-from mobile_harness.lab import DELEGATES, PROPS, LabOptions, run_lab
+from mobile_harness.lab import CPU_ZONES, DELEGATES, PROPS, LabOptions, run_lab
 from mobile_harness.manifest import BuildFolderError, load_golden, load_manifest
 from mobile_harness.report import write_device_report
 
@@ -70,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="dumpsys deviceidle force-idle before measuring, unforce after (always)")
     run.add_argument("--idle-settle", type=float, default=5, metavar="S",
                      help="seconds to wait after forcing idle (default 5)")
+    run.add_argument("--row-cool-down-above", type=float, metavar="CELSIUS",
+                     help="before each latency row, wait while the hottest CPU thermal zone is above this "
+                          "(each row records its start temperature and wait either way)")
+    run.add_argument("--row-cool-down-max", type=float, default=120, metavar="S",
+                     help="longest wait before one row (default 120); a row still hot is measured and flagged")
+    run.add_argument("--thermal-zones", default=CPU_ZONES, metavar="REGEX",
+                     help=f"thermal zone types that count as CPU, case-insensitive (default {CPU_ZONES!r})")
     run.add_argument("--warmup", type=int, default=10, help="warm-up runs before timing (default 10)")
     run.add_argument("--threads", type=_int_list, default=[1, 4], help="thread counts, e.g. 1,4 (default)")
     run.add_argument("--delegate", type=_delegates, default=["xnnpack"],
@@ -128,7 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              delegates=args.delegate, runner_timeout_s=args.timeout,
                              cool_down_above_c=args.cool_down_above, cool_down_max_s=args.cool_down_max,
                              pin_big_cores=not args.no_pin, min_secs=args.min_secs,
-                             force_idle=args.force_idle, idle_settle_s=args.idle_settle)
+                             force_idle=args.force_idle, idle_settle_s=args.idle_settle,
+                             row_cool_down_above_c=args.row_cool_down_above,
+                             row_cool_down_max_s=args.row_cool_down_max, thermal_zones=args.thermal_zones)
         command = "python -m mobile_harness " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
         results = run_lab(adb, args.build, args.device, args.all, options, command)
         report = write_device_report(args.build)

@@ -42,6 +42,11 @@ _ELF_MACHINE = {"arm64-v8a": 183, "armeabi-v7a": 40, "x86_64": 62, "x86": 3}
 _ARCH = {"arm64-v8a": "aarch64", "armeabi-v7a": "arm", "x86_64": "x86_64", "x86": "x86"}
 
 
+# A kit whose binaries do not run natively on the phone's CPU says how they run in this file, e.g.
+# "arm64 kernels under qemu-user (latency not meaningful)": results then carry that line, and no latency is timed.
+EMULATION_FILE = "EMULATION"
+
+
 class KitError(Exception):
     """The runner kit lacks a binary for this device, or holds one for another CPU."""
 
@@ -87,3 +92,15 @@ def kit_binaries(kit: Path, abi: str, formats: set[str]) -> dict[str, Path]:
     if problems:
         raise KitError("runner kit incomplete for " + abi + ":\n  - " + "\n  - ".join(problems))
     return binaries
+
+
+def kit_emulation(kit: Path, abi: str) -> str | None:
+    """How the kit's binaries for `abi` run when not natively (`KIT/<abi>/EMULATION`'s first line); None: natively."""
+    path = kit / abi / EMULATION_FILE
+    if not path.is_file():
+        return None
+    line = path.read_text().strip().split("\n")[0].strip()
+    if not line:
+        raise KitError(f"{path} is empty: write how the kit's binaries run (e.g. 'arm64 kernels under qemu-user "
+                       "(latency not meaningful)'), or delete it for binaries that run natively")
+    return line

@@ -4,7 +4,8 @@ Per device: probe (getprop, df) -> check the runner kit against the ABI -> check
 CPU clusters (max frequency, governor) and the big-core mask -> thermal state before (optional
 cool-down) -> push kit, artifacts and golden inputs into a per-run folder under /data/local/tmp, each
 checked by sha256 on the phone -> per artifact: golden faces through the runner (parity with the
-reference), then latency rows (threads x delegates), each runner pinned to the big cores with `taskset`
+reference), then latency rows (threads x delegates), each after the hottest CPU thermal zone is read
+(and, as an option, cooled below a threshold), each runner pinned to the big cores with `taskset`
 and its peak memory (VmHWM) polled while it runs -> thermal state after -> `rm -rf` of the per-run folder, always.
 
 `BUILD/devices/<serial>/result.json` is rewritten atomically after every step that adds results,
@@ -34,7 +35,8 @@ from typing import Any
 import numpy as np
 
 from mobile_harness.adb import Adb, AdbError, Device, DeviceGone, ShellTimeout
-from mobile_harness.kit import KitError, kit_binaries
+from mobile_harness.host import compare_with_host
+from mobile_harness.kit import KitError, kit_binaries, kit_emulation
 from mobile_harness.latency import (
     OFF_CPU_DELEGATES,
     DelegateNotApplied,
@@ -50,6 +52,9 @@ from mobile_harness.latency import (
 )
 from mobile_harness.manifest import Golden, load_golden, load_manifest
 from mobile_harness.parity import evaluate_gates, parity
+
+# executor_runner passes run at most to meet --min-secs (each sized from the last one's mean).
+MIN_SECS_PASSES = 3
 
 REMOTE_ROOT = "/data/local/tmp/mobile_harness"
 # Exit status of the on-phone parity script when a runner exited 0 but wrote no output file.
@@ -71,6 +76,14 @@ PEAK_TAG = "mobile_harness peak_rss_kb:"
 PEAK_POLL_S = 0.01
 # Process names (/proc/PID/status Name:) on the way to the runner's exec, whose memory is not the runner's.
 NOT_RUNNERS = ("sh", "mksh", "dash", "bash", "taskset", "toybox")
+# One line per thermal zone: `thermal_zoneN|type|temp` (temp in millidegrees C; empty where unreadable).
+THERMAL_PROBE = ("for z in /sys/class/thermal/thermal_zone*; do echo \"${z##*/}|$(cat $z/type 2>/dev/null)|"
+                 "$(cat $z/temp 2>/dev/null)\"; done")
+# Zone types that measure the CPU cores: Qualcomm `cpu-1-0-usr` / `cpuss-0`, MediaTek `cpu_big`, Exynos and Tensor
+# `BIG` / `MID` / `LITTLE`, and the SoC as a whole (`soc_therm`). Battery, skin and modem zones lag the cores.
+CPU_ZONES = r"cpu|big|mid|little|soc"
+# Readings outside this range (degrees C) are a sensor's error codes, not temperatures.
+PLAUSIBLE_C = (-40.0, 150.0)
 # Thermal status codes of android.os.PowerManager (THERMAL_STATUS_*).
 THERMAL_STATUS = {0: "none", 1: "light", 2: "moderate", 3: "severe", 4: "critical", 5: "emergency", 6: "shutdown"}
 # Signals a runner dies of, by number (an exit status above 128 is 128 + the signal).
@@ -97,6 +110,13 @@ class LabOptions:
         cool_down_above_c: Wait before measuring while the battery is hotter than this (None: never).
         cool_down_max_s: Longest cool-down wait; the run then goes on and records that it was hot.
         cool_down_poll_s: Seconds between temperature readings while cooling down.
+        row_cool_down_above_c: Before each latency row, wait while the hottest CPU thermal zone (`thermal_zones`;
+            the battery where no zone is readable) is above this (None: never; the start temperature of each row
+            is recorded anyway).
+        row_cool_down_max_s: Longest wait before one row; a row still hot then is measured all the same and
+            flagged (`cool_down.cooled` false), so a phone that cannot cool still gives numbers to look at.
+        row_cool_down_poll_s: Seconds between thermal zone readings while a row waits.
+        thermal_zones: Regular expression (case-insensitive, searched) on thermal zone types that count as CPU.
         pin_big_cores: Run latency runners under `taskset` on the cores with the highest max frequency.
         force_idle: `dumpsys deviceidle force-idle` before measuring (no background jobs, syncs or alarms),
             `dumpsys deviceidle unforce` after, always, even when the run fails.
@@ -120,6 +140,10 @@ class LabOptions:
     force_idle: bool = False
     idle_settle_s: float = 5
     min_secs: float = 0
+    row_cool_down_above_c: float | None = None
+    row_cool_down_max_s: float = 120
+    row_cool_down_poll_s: float = 2
+    thermal_zones: str = CPU_ZONES
 
     def __post_init__(self) -> None:
         unknown = [d for d in self.delegates if d not in DELEGATES]
@@ -131,6 +155,14 @@ class LabOptions:
             raise ValueError(f"--min-secs {self.min_secs:g}: give 0 (off) or more seconds")
         if self.warmup < 0 or not self.threads or min(self.threads) < 1:
             raise ValueError("warmup must be >= 0 and every thread count >= 1")
+        if self.row_cool_down_max_s < 0 or self.row_cool_down_poll_s <= 0:
+            raise ValueError(f"--row-cool-down-max {self.row_cool_down_max_s:g} / poll {self.row_cool_down_poll_s:g} "
+                             "s: give a wait of 0 or more seconds and a poll interval above 0")
+        try:
+            re.compile(self.thermal_zones)
+        except re.error as error:
+            raise ValueError(f"--thermal-zones {self.thermal_zones!r} is not a regular expression ({error}); "
+                             f"e.g. the default {CPU_ZONES!r}") from None
 
 
 class DeviceFailure(Exception):
@@ -212,6 +244,30 @@ def cpu_clusters(cores: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(clusters, key=lambda c: (c["max_khz"] or 0, c["cpus"][0]))
 
 
+def parse_thermal_zones(output: str) -> list[dict[str, Any]]:
+    """Zones from `THERMAL_PROBE`'s lines: name, type and degrees C (None where unreadable or implausible).
+    The kernel writes millidegrees; a few vendor drivers write degrees, told apart by magnitude."""
+    zones = []
+    for line in output.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) != 3 or not re.fullmatch(r"thermal_zone\d+", fields[0]):
+            continue
+        celsius = None
+        if re.fullmatch(r"-?\d+", fields[2]):
+            value = int(fields[2])
+            celsius = value / 1000 if abs(value) >= 1000 else float(value)
+            if not PLAUSIBLE_C[0] < celsius < PLAUSIBLE_C[1]:
+                celsius = None
+        zones.append({"zone": fields[0], "type": fields[1] or None, "c": celsius})
+    return sorted(zones, key=lambda z: int(z["zone"].removeprefix("thermal_zone")))
+
+
+def hottest_zone(zones: list[dict[str, Any]], pattern: str) -> dict[str, Any] | None:
+    """The readable zone whose type matches `pattern` (case-insensitive) with the highest temperature."""
+    matching = [z for z in zones if z["c"] is not None and z["type"] and re.search(pattern, z["type"], re.I)]
+    return max(matching, key=lambda z: z["c"]) if matching else None
+
+
 def big_core_mask(cores: list[dict[str, Any]]) -> str | None:
     """taskset's hex mask of the cores with the highest max frequency; None when no frequency is readable."""
     known = [c for c in cores if c["max_khz"] is not None]
@@ -285,6 +341,8 @@ class DeviceRun:
             try:
                 binaries = kit_binaries(self.options.kit, self.result["device"]["abi"],
                                         {a["format"] for a in artifacts})
+                # Natively, or how the kit's binaries are emulated (then their timings would be the emulator's).
+                self.result["execution"] = kit_emulation(self.options.kit, self.result["device"]["abi"]) or "native"
             except KitError as error:
                 raise DeviceFailure("kit", str(error)) from None
             self.binaries = binaries
@@ -449,15 +507,59 @@ class DeviceRun:
             state["still_hot"] = state["battery_c"] is not None and state["battery_c"] > limit
         return state
 
+    def cpu_zone(self) -> dict[str, Any] | None:
+        """The hottest readable CPU thermal zone (`thermal_zones`): `{"zone": "thermal_zoneN (type)", "c": °C}`."""
+        zone = hottest_zone(parse_thermal_zones(self.device.shell(THERMAL_PROBE).output), self.options.thermal_zones)
+        return {"zone": f"{zone['zone']} ({zone['type']})", "c": zone["c"]} if zone else None
+
+    def cpu_temperature(self) -> dict[str, Any]:
+        """`cpu_zone` with `source` "thermal zone"; the battery (`dumpsys battery`) where no CPU zone is readable,
+        as on phones whose SELinux policy hides /sys/class/thermal from the shell; `c` None when neither is."""
+        zone = self.cpu_zone()
+        if zone is not None:
+            return {"source": "thermal zone", **zone}
+        return {"source": "battery", "zone": None, "c": self.battery_c()}
+
+    def battery_c(self) -> float | None:
+        match = re.search(r"temperature:\s*(-?\d+)", self.device.shell("dumpsys battery").output)
+        return int(match.group(1)) / 10 if match else None
+
+    def cool_down_row(self, label: str) -> dict[str, Any]:
+        """Before a latency row: the CPU's temperature, and with `row_cool_down_above_c` a wait (polling every
+        `row_cool_down_poll_s`, at most `row_cool_down_max_s`) until it is at or below that threshold. A row that
+        did not cool in time is still measured; `cooled` false flags it."""
+        options = self.options
+        limit = options.row_cool_down_above_c
+        reading = self.cpu_temperature()
+        record: dict[str, Any] = {"threshold_c": limit, "source": reading["source"], "zone": reading["zone"],
+                                  "found_c": reading["c"], "start_c": reading["c"], "waited_s": 0.0, "cooled": None}
+        if limit is None or reading["c"] is None:
+            if limit is not None:
+                record["note"] = "no thermal zone or battery temperature readable: not cooled"
+            return record
+        start = time.monotonic()
+        if reading["c"] > limit:
+            self.say(f"{label}: {reading['zone'] or 'battery'} at {reading['c']:g} C, above {limit:g} C: cooling "
+                     f"down (up to {options.row_cool_down_max_s:g} s)")
+        while reading["c"] is not None and reading["c"] > limit:
+            left = options.row_cool_down_max_s - (time.monotonic() - start)
+            if left <= 0:
+                break
+            time.sleep(min(options.row_cool_down_poll_s, left))
+            reading = self.cpu_temperature()
+        record.update(start_c=reading["c"], zone=reading["zone"], source=reading["source"],
+                      waited_s=round(time.monotonic() - start, 2),
+                      cooled=reading["c"] is not None and reading["c"] <= limit)
+        if not record["cooled"]:
+            record["note"] = (f"still above {limit:g} C after {options.row_cool_down_max_s:g} s: measured hot; "
+                              "compare with care, or raise --row-cool-down-max")
+        return record
+
     def read_thermal(self) -> dict[str, Any]:
-        """Battery temperature, thermal status, cpu0's and every cluster's CPU governor; a value the phone does not
-        give is None."""
-        state: dict[str, Any] = {"time": _now(), "battery_c": None, "thermal_status": None, "cpu0_governor": None,
-                                 "governors": None}
-        battery = self.device.shell("dumpsys battery")
-        match = re.search(r"temperature:\s*(-?\d+)", battery.output)
-        if match:
-            state["battery_c"] = int(match.group(1)) / 10
+        """Battery temperature, the hottest CPU thermal zone, thermal status, cpu0's and every cluster's CPU
+        governor; a value the phone does not give is None."""
+        state: dict[str, Any] = {"time": _now(), "battery_c": self.battery_c(), "cpu_zone": self.cpu_zone(),
+                                 "thermal_status": None, "cpu0_governor": None, "governors": None}
         thermal = self.device.shell("dumpsys thermalservice")
         match = re.search(r"Thermal Status:\s*(\d+)", thermal.output)
         if match:
@@ -578,11 +680,16 @@ class DeviceRun:
         entry["parity"] = parity(embeddings, self.golden.reference, self.golden.pairs, self.golden.threshold)
         gate = self.manifest.get("resolved_recipe", {}).get("gates", {}).get(artifact["precision"])
         entry["gates"] = evaluate_gates(gate, entry["parity"])
+        # The same artifact and faces on this computer: the phone's kernels against the host's.
+        entry["vs_host"] = compare_with_host(self.build_dir, artifact, self.golden, embeddings, self.options.threads[0])
         self.save()
-        for delegate in (self.options.delegates if artifact["format"] == "tflite" else ["xnnpack (in .pte)"]):
-            for threads in self.options.threads:
-                entry["latency"].append(self.latency_row(artifact, delegate, threads))
-                self.save()
+        if self.result.get("execution", "native") != "native":
+            entry["latency_note"] = f"not timed: {self.result['execution']}"
+        else:
+            for delegate in (self.options.delegates if artifact["format"] == "tflite" else ["xnnpack (in .pte)"]):
+                for threads in self.options.threads:
+                    entry["latency"].append(self.latency_row(artifact, delegate, threads))
+                    self.save()
         failed_gates = [g for g in entry["gates"] if g["passed"] is False]
         entry["status"] = "gate failed" if failed_gates else "ok"
         self.save()
@@ -679,6 +786,7 @@ class DeviceRun:
     def latency_row(self, artifact: dict[str, Any], delegate: str, threads: int) -> dict[str, Any]:
         row: dict[str, Any] = {"delegate": delegate, "threads": threads, "status": "ok", "reason": None}
         label = f"{artifact['file']} latency ({delegate}, {threads} thread(s))"
+        row["cool_down"] = self.cool_down_row(label)
         self.row_peaks = []
         try:
             if artifact["format"] == "executorch":
@@ -724,13 +832,17 @@ class DeviceRun:
         if options.min_secs > 0:
             # executor_runner has no --min_secs: when the timed runs fell short, run again with as many executions
             # as the measured mean says fill the floor (10 % over, for the spread), as benchmark_model would.
+            # A faster second pass can still fall short (the first pass's mean included a slower start): size
+            # again from the latest mean, a bounded number of times.
             floor_ms = options.min_secs * 1000
-            mean = row.get("mean_ms") or row.get("trimmed_mean_ms") or row.get("median_ms")
-            timed_ms = (mean or 0) * row["runs"]
-            if mean and timed_ms < floor_ms:
+            for _ in range(MIN_SECS_PASSES):
+                mean = row.get("mean_ms") or row.get("trimmed_mean_ms") or row.get("median_ms")
+                if not mean or mean * row["runs"] >= floor_ms:
+                    break
                 row = measured(max(options.runs, math.ceil(1.1 * floor_ms / mean)))
             mean = row.get("mean_ms") or row.get("trimmed_mean_ms") or row.get("median_ms") or 0
             row["min_secs"] = {"floor_s": options.min_secs, "timed_s": round(mean * row["runs"] / 1000, 3),
+                               "reached": mean * row["runs"] >= floor_ms,
                                "how": "executor_runner has no --min_secs: runs extended from the measured mean"}
         return row
 

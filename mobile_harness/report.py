@@ -72,6 +72,19 @@ def plot_latency(result: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def _row_temperature(row: dict[str, Any]) -> str:
+    """A latency row's CPU temperature at its start, and its cool-down wait: `41.2 (waited 12.5 s)`, flagged
+    `STILL HOT` when it did not cool below the threshold in time."""
+    cool = row.get("cool_down") or {}
+    if cool.get("start_c") is None:
+        return "–"
+    text = f"{cool['start_c']:g}"
+    if cool.get("threshold_c") is not None:
+        hot = f", STILL HOT > {cool['threshold_c']:g}" if cool["cooled"] is False else ""
+        text += f" (waited {cool['waited_s']:g} s{hot})"
+    return text
+
+
 def _device_section(result: dict[str, Any], plot: str | None) -> list[str]:
     device = result.get("device") or {}
     title = f"## {result['serial']}" + (f" — {device['model']} ({device.get('soc')})" if device.get("model") else "")
@@ -82,6 +95,8 @@ def _device_section(result: dict[str, Any], plot: str | None) -> list[str]:
                  + (f" — gates failed on the phone: {', '.join(result['gate_failures'])}"
                     if result.get("gate_failures") else ""))
     lines.append("")
+    if result.get("execution") not in (None, "native"):
+        lines += [f"Execution: {result['execution']}; no latency timed.", ""]
     if device:
         lines.append(f"ABI {device.get('abi')}, Android {device.get('android')} (SDK {device.get('sdk')}), "
                      f"{device.get('free_kb', 0) // 1024} MiB free. Run {result.get('started')} – "
@@ -118,20 +133,31 @@ def _device_section(result: dict[str, Any], plot: str | None) -> list[str]:
             lines.append(f"| {artifact['file']} | {artifact['status']} | {_fmt(par.get('cosine_mean'), 6)} | "
                          f"{_fmt(par.get('cosine_min'), 6)} | {_fmt(par.get('cosine_p1'), 6)} | {flips} | {gates} |")
         lines.append("")
+        # The phone's kernels against this computer's, same artifact and faces (mobile_harness/host.py).
+        versus = [(a["file"], a["vs_host"]) for a in artifacts if a.get("vs_host")]
+        if versus:
+            lines += ["| artifact | vs host: 1 − cosine mean | 1 − cosine min | flips / pairs |", "|---|---|---|---|"]
+            for name, vs in versus:
+                lines.append(f"| {name} | {1 - vs['cosine_mean']:.1e} | {1 - vs['cosine_min']:.1e} | "
+                             f"{vs['flips']} / {vs['pairs']} (host {vs['host']}) |" if vs["status"] == "ok"
+                             else f"| {name} | {vs['status']}: {vs['reason'][:100]} | – | – |")
+            lines.append("")
         lines += ["| artifact | delegate | threads | load ms | first ms | median ms | p90 ms | p95 ms | "
-                  "trimmed mean ms | mean ms | runs | tool | peak RSS MiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "trimmed mean ms | mean ms | runs | tool | peak RSS MiB | start °C (cool-down) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for artifact in artifacts:
             for row in artifact.get("latency", []):
                 if row["status"] != "ok":
                     lines.append(f"| {artifact['file']} | {row['delegate']} | {row['threads']} | "
-                                 f"{row['status']}: {(row['reason'] or '')[:80]} | – | – | – | – | – | – | – | – | – |")
+                                 f"{row['status']}: {(row['reason'] or '')[:80]} | – | – | – | – | – | – | – | – | – | "
+                                 f"{_row_temperature(row)} |")
                     continue
                 lines.append(f"| {artifact['file']} | {row['delegate']} | {row['threads']} | {_fmt(row['load_ms'])} | "
                              f"{_fmt(row['first_inference_ms'])} | {_fmt(row['median_ms'])} | {_fmt(row['p90_ms'])} | "
                              f"{_fmt(row.get('p95_ms'))} | {_fmt(row['trimmed_mean_ms'])} | "
                              f"{_fmt(row.get('mean_ms'))} | {row['runs']} | {row['tool']} | "
-                             f"{_fmt(row['peak_rss_kb'] / 1024 if row.get('peak_rss_kb') else None, 1)} |")
+                             f"{_fmt(row['peak_rss_kb'] / 1024 if row.get('peak_rss_kb') else None, 1)} | "
+                             f"{_row_temperature(row)} |")
         lines.append("")
     if plot:
         lines += [f"![latency on {result['serial']}]({plot})", ""]

@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import FACES, Server, TinyFaceNet, settle_batchnorm
+from helpers import FACES, ReducedBuild, Server, TinyFaceNet, reduced_recipe, run_build, settle_batchnorm
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +39,14 @@ def server() -> Iterator[Server]:
     yield running
     running.httpd.shutdown()
     running.httpd.server_close()
+
+
+@pytest.fixture(scope="session")
+def reduced_build(tmp_path_factory: pytest.TempPathFactory, faces_root: Path) -> ReducedBuild:
+    """One reduced real-face build of the shipped MobileFaceNet (about 3 minutes), shared by the tests that
+    check the build itself and those that run its artifacts elsewhere (the arm64 device lab)."""
+    folder = tmp_path_factory.mktemp("reduced")
+    recipe = reduced_recipe(folder, faces_root)
+    result = run_build(recipe, folder / "build")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return ReducedBuild(folder / "build", recipe, result)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from factory.lefv.detection import Face, Photo, box_iou
@@ -236,3 +240,36 @@ def write_report(folder: Path, report: dict) -> Path:
     folder.mkdir(parents=True)
     (folder / "report.json").write_text(json.dumps(report))
     return folder
+
+
+def reduced_recipe(tmp_path: Path, faces_root: Path, **changes) -> Path:
+    """The shipped MobileFaceNet recipe on 200 LFW pairs and 128 calibration faces."""
+    data = shipped_recipe_dict(faces_root)
+    data["name"] = "mobilefacenet_reduced"
+    data["weights"]["path"] = str(REPO / "recipes" / data["weights"]["path"])
+    data["data"]["calibration"].update(count=128, allow_fewer_than_300=True)
+    data["data"]["evaluation"].update(max_pairs=200, min_parity_images=300)
+    data["data"]["benchmarks"][0]["max_pairs"] = 100
+    data["data"]["evaluation"]["emulated_max_pairs"] = 100
+    # 200 pairs: one flipped decision moves accuracy by 0.5 pt, so the drop gate is wider here.
+    data["gates"]["int8"]["lfw_accuracy_drop_max"] = 0.03
+    data.pop("train")
+    for key, value in changes.items():
+        data[key] = value
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_build(recipe: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "factory", "build", str(recipe), "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO, timeout=1500)
+
+
+@dataclass
+class ReducedBuild:
+    """The shipped MobileFaceNet weights built by the real CLI on a reduced set of real faces."""
+
+    out: Path
+    recipe: Path
+    result: subprocess.CompletedProcess

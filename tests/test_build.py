@@ -2,13 +2,11 @@
 
 import json
 import platform
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, shipped_recipe_dict
+from helpers import ReducedBuild, reduced_recipe, run_build
 
 from factory.weights import sha256_of
 from mobile_harness.manifest import load_golden
@@ -20,35 +18,8 @@ CONTRACT_ARTIFACT_KEYS = {"file", "format", "precision", "bytes", "sha256", "ver
 PARITY_KEYS = {"cosine_mean", "cosine_min", "cosine_p1", "lfw_accuracy", "lfw_accuracy_drop", "flip_rate"}
 
 
-def reduced_recipe(tmp_path: Path, faces_root: Path, **changes) -> Path:
-    """The shipped MobileFaceNet recipe on 200 LFW pairs and 128 calibration faces."""
-    data = shipped_recipe_dict(faces_root)
-    data["name"] = "mobilefacenet_reduced"
-    data["weights"]["path"] = str(REPO / "recipes" / data["weights"]["path"])
-    data["data"]["calibration"].update(count=128, allow_fewer_than_300=True)
-    data["data"]["evaluation"].update(max_pairs=200, min_parity_images=300)
-    data["data"]["benchmarks"][0]["max_pairs"] = 100
-    data["data"]["evaluation"]["emulated_max_pairs"] = 100
-    # 200 pairs: one flipped decision moves accuracy by 0.5 pt, so the drop gate is wider here.
-    data["gates"]["int8"]["lfw_accuracy_drop_max"] = 0.03
-    data.pop("train")
-    for key, value in changes.items():
-        data[key] = value
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def run_build(recipe: Path, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "factory", "build", str(recipe), "--out", str(out)],
-                          capture_output=True, text=True, cwd=REPO, timeout=1500)
-
-
-def test_build_writes_seven_verified_artifacts_and_a_manifest(tmp_path: Path, faces_root: Path) -> None:
-    out = tmp_path / "build"
-    recipe = reduced_recipe(tmp_path, faces_root)
-    result = run_build(recipe, out)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+def test_build_writes_seven_verified_artifacts_and_a_manifest(reduced_build: ReducedBuild) -> None:
+    out, recipe, result = reduced_build.out, reduced_build.recipe, reduced_build.result
     for stage in ("[load]", "[torch.export]", "[quantise]", "[lower]", "[serialise]", "[verify]", "[report]"):
         assert stage in result.stdout
 

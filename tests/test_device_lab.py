@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from adb_sim.lab import GOLDEN_FACES, PhoneLab, make_tiny_build, phone_lab
 from adb_sim.runtimes import ABORTED, RuntimeService, benchmark_model, make_test_kit
-from adb_sim.sim import Faults
+from adb_sim.sim import DeviceProfile, Faults, ThermalProfile
 
 from factory.weights import sha256_of
 from mobile_harness.adb import Adb
@@ -296,6 +296,69 @@ def test_hot_phone_cools_down_before_measuring(lab: PhoneLab, build: Path) -> No
     assert result["status"] == "ok"
 
 
+def test_each_latency_row_waits_until_the_cpu_zone_cools(lab: PhoneLab, build: Path) -> None:
+    # Every execution heats the simulated CPU zones 0.2 C; a row (2 warm-up + 50 runs) adds about 10 C, which halves
+    # in tau ln 2 = 0.35 s. Rows after the first start hot and must wait for the 35 C threshold.
+    tau, ambient, limit = 0.5, 30.0, 35.0
+    phone = lab.add(profile=DeviceProfile(thermal=ThermalProfile(ambient_c=ambient, heat_per_run_c=0.2,
+                                                                 cooling_tau_s=tau)))
+    result = run(lab, build, options(lab, threads=[1, 2], row_cool_down_above_c=limit, row_cool_down_poll_s=0.05,
+                                     row_cool_down_max_s=30))[phone.serial]
+    assert result["status"] == "ok" and result["verdict"] == "pass", result
+    # Parity: 8 faces of one execution per artifact; latency: four rows of 52 executions.
+    assert phone.runs_heated == 2 * GOLDEN_FACES + 4 * 52
+    rows = [row for artifact in result["artifacts"] for row in artifact["latency"]]
+    assert len(rows) == 4
+    waits = []
+    for row in rows:
+        cool = row["cool_down"]
+        assert row["status"] == "ok" and row["median_ms"] > 0
+        assert cool["source"] == "thermal zone" and cool["zone"] == "thermal_zone1 (cpu-1-0-usr)", cool
+        assert cool["threshold_c"] == limit and cool["cooled"] is True and ambient <= cool["start_c"] <= limit
+        if cool["found_c"] > limit:
+            # Newton cooling of the excess over ambient: the wait it takes from found_c down to the threshold.
+            needed = tau * np.log((cool["found_c"] - ambient) / (limit - ambient))
+            assert needed - 0.05 <= cool["waited_s"] <= needed + 2.0, (needed, cool)
+            assert cool["start_c"] > limit - 2, "polled every 0.05 s: it starts just under the threshold"
+            waits.append(cool["waited_s"])
+        else:
+            assert cool["waited_s"] == 0 and cool["start_c"] == cool["found_c"]
+    # The first row starts cool (the parity runs' heat is gone); the rows right after a latency row start hot.
+    assert rows[0]["cool_down"]["found_c"] < limit and len(waits) >= 2 and min(waits) > 0, rows
+    # At rest every zone reads ambient; after the last row the big core's zone is the hottest.
+    assert result["thermal"]["before"]["cpu_zone"]["c"] == ambient
+    after = result["thermal"]["after"]["cpu_zone"]
+    assert after["zone"] == "thermal_zone1 (cpu-1-0-usr)" and after["c"] > ambient, after
+
+
+def test_row_that_cannot_cool_is_measured_and_flagged(lab: PhoneLab, build: Path) -> None:
+    # One phone stays hot (cooling takes hours); one has no CPU zone, so its battery (45.2 C, cool after 4 readings
+    # of `dumpsys battery`: the thermal state before and three row readings) is watched instead.
+    stuck = lab.add(profile=DeviceProfile(thermal=ThermalProfile(start_c=50.0, cooling_tau_s=36_000)))
+    no_zone = lab.add(Faults(battery_temp_tenths=452, cool_after_reads=3),
+                      DeviceProfile(thermal=ThermalProfile(zones=(("battery", 0.2), ("modem-0-usr", 1.0)))))
+    results = run(lab, build, options(lab, row_cool_down_above_c=40, row_cool_down_max_s=0.5,
+                                      row_cool_down_poll_s=0.1))
+    result = results[stuck.serial]
+    assert result["status"] == "ok" and result["verdict"] == "pass", "a hot row is flagged, not failed"
+    rows = [row for artifact in result["artifacts"] for row in artifact["latency"]]
+    assert len(rows) == 2
+    for row in rows:
+        cool = row["cool_down"]
+        assert row["status"] == "ok" and row["median_ms"] > 0 and row["runs"] == 50, "measured all the same"
+        assert cool["cooled"] is False and 0.5 <= cool["waited_s"] <= 2.5, cool
+        assert 49.5 < cool["start_c"] <= 50.0 and "still above 40 C after 0.5 s" in cool["note"]
+    report = (build / "devices.md")
+    main(["report", str(build)])
+    assert "(waited 0.5" in report.read_text() and "STILL HOT > 40" in report.read_text()
+
+    fallback = [row["cool_down"] for artifact in results[no_zone.serial]["artifacts"] for row in artifact["latency"]]
+    assert [c["source"] for c in fallback] == ["battery", "battery"] and fallback[0]["zone"] is None
+    assert fallback[0]["found_c"] == 45.2 and fallback[0]["start_c"] == 25.0 and fallback[0]["cooled"] is True
+    assert 0.2 <= fallback[0]["waited_s"] <= 2.0, "two polls of 0.1 s at least"
+    assert fallback[1]["found_c"] == 25.0 and fallback[1]["waited_s"] == 0
+
+
 def test_no_pin_and_time_floored_runs(lab: PhoneLab, build: Path) -> None:
     phone = lab.add()
     result = run(lab, build, options(lab, pin_big_cores=False, min_secs=1.0))[phone.serial]
@@ -309,7 +372,8 @@ def test_no_pin_and_time_floored_runs(lab: PhoneLab, build: Path) -> None:
     assert any("--min_secs=1 " in c for c in phone.commands)
     assert tflite["runs"] >= 50 and tflite["runs"] * tflite["mean_ms"] >= 1000 * 0.99
     # executor_runner was asked for more executions until the floor was met.
-    assert pte["min_secs"]["floor_s"] == 1.0 and pte["min_secs"]["timed_s"] >= 0.9 and pte["runs"] >= 50
+    assert pte["min_secs"]["floor_s"] == 1.0 and pte["min_secs"]["reached"] and pte["runs"] >= 50
+    assert pte["min_secs"]["timed_s"] >= 1.0
     assert pte["peak_rss_kb"] > 0 and tflite["peak_rss_kb"] > 0 and tflite["pinned"] is None
 
 
@@ -373,6 +437,10 @@ def test_cli_refuses_bad_settings_with_what_to_use(build: Path, capsys) -> None:
     assert "--runs 10: at least 50 timed runs" in capsys.readouterr().err
     assert main(["run", str(build), "--all", "--min-secs", "-1"]) == 2
     assert "--min-secs -1: give 0 (off) or more seconds" in capsys.readouterr().err
+    assert main(["run", str(build), "--all", "--thermal-zones", "cpu(", "--row-cool-down-above", "40"]) == 2
+    assert "--thermal-zones 'cpu(' is not a regular expression" in capsys.readouterr().err
+    assert main(["run", str(build), "--all", "--row-cool-down-max", "-5"]) == 2
+    assert "--row-cool-down-max -5" in capsys.readouterr().err
 
 
 @pytest.mark.device

@@ -10,7 +10,9 @@ from mobile_harness.lab import (
     big_core_mask,
     cluster_label,
     cpu_clusters,
+    hottest_zone,
     parse_cpus,
+    parse_thermal_zones,
     peak_rss_kb,
     runner_failure,
     value_file_item,
@@ -230,3 +232,18 @@ def test_peak_rss_line_is_cut_from_the_runner_output() -> None:
     output, peak = peak_rss_kb("INFO: a\nmobile_harness peak_rss_kb: 51234\n")
     assert output == "INFO: a\n" and peak == 51234
     assert peak_rss_kb("x\nmobile_harness peak_rss_kb: \n") == ("x\n", None)
+
+
+def test_thermal_zones_in_millidegrees_degrees_and_unreadable() -> None:
+    # THERMAL_PROBE's lines as a Snapdragon phone prints them: millidegrees, a vendor sensor in degrees, one whose
+    # temp cannot be read (empty), one reporting an error code, and a stray line.
+    output = ("thermal_zone0|cpu-0-0-usr|41200\nthermal_zone1|cpu-1-0-usr|47800\nthermal_zone2|battery|31000\n"
+              "thermal_zone10|BIG|52\nthermal_zone3|tsens_tz_sensor9|\nthermal_zone4|cpuss-1|-274000\n"
+              "cat: thermal_zone5/temp: Invalid argument\n")
+    zones = parse_thermal_zones(output)
+    assert [(z["zone"], z["c"]) for z in zones] == [
+        ("thermal_zone0", 41.2), ("thermal_zone1", 47.8), ("thermal_zone2", 31.0), ("thermal_zone3", None),
+        ("thermal_zone4", None), ("thermal_zone10", 52.0)]
+    assert hottest_zone(zones, "cpu|big")["type"] == "BIG"
+    assert hottest_zone(zones, "cpu")["c"] == 47.8, "the unreadable cpuss zone does not count"
+    assert hottest_zone(zones, "gpu") is None

@@ -1,6 +1,7 @@
 """Training on a tiny synthetic set: resumable, deterministic, safetensors only."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,88 @@ def test_training_logs_the_monitor_every_epoch_and_warns_of_collapse(tmp_path: P
     written = json.loads(recipe.resolve("w.train.json").read_text())
     assert written["monitor"] == summary["monitor"] and written["collapsed"] is True
     assert any(line.startswith("WARNING: the embeddings collapsed") for line in lines)
+
+
+def _recordio_recipe(tmp_path: Path, **train_settings):
+    """The synthetic split converted to insightface RecordIO, and a recipe training from it (read while training)."""
+    from factory.face_data import convert, open_source
+
+    data = recipe_dict(synthetic_dataset(tmp_path / "faces"), weights="rec.safetensors")
+    root = Path(data["data"]["root"])
+    convert(open_source(root / "splits" / "train.txt", "list", root=root), "recordio", root / "rec" / "train.rec")
+    data["train"].update(split="rec/train.rec", epochs=2, batch_size=8, learning_rate=0.01, loader_workers=0,
+                         **train_settings)
+    path = tmp_path / "rec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_recipe(path), root / "rec" / "train.rec"
+
+
+def test_training_reads_recordio_while_training_and_resumes_mid_epoch(tmp_path: Path, monkeypatch) -> None:
+    import factory.train as training
+
+    torch.set_num_threads(1)
+    recipe, _ = _recordio_recipe(tmp_path, checkpoint_every=1)
+    straight = train(recipe, tmp_path / "straight.safetensors", device="cpu", log=lambda _: None)
+    assert straight["images"] == 24 and straight["identities"] == 4
+    assert [record["loader"]["records"] for record in straight["history"]] == [24, 24]  # 3 steps x 8 faces
+    assert all(record["loader"]["bad"] == {} and record["loader"]["images_per_s_per_worker"] > 0
+               for record in straight["history"])
+
+    saves = []
+    original = training._save_checkpoint
+
+    def save_then_stop(*args, **kwargs) -> None:
+        original(*args, **kwargs)
+        saves.append(args[-1])
+        if args[-1]["epoch"] == 1 and args[-1]["batch"] == 2:  # two steps into the second epoch
+            raise Interrupt
+
+    monkeypatch.setattr(training, "_save_checkpoint", save_then_stop)
+    output = tmp_path / "resumed.safetensors"
+    with pytest.raises(Interrupt):
+        train(recipe, output, device="cpu", log=lambda _: None)
+    monkeypatch.setattr(training, "_save_checkpoint", original)
+    lines: list[str] = []
+    resumed = train(recipe, output, device="cpu", log=lines.append)
+    assert any("after epoch 1 and 2 steps of the next" in line for line in lines), lines
+    assert resumed["history"][-1]["loss"] == pytest.approx(straight["history"][-1]["loss"], rel=1e-5)
+    a = load_weights(create_model("mobilefacenet"), tmp_path / "straight.safetensors")
+    b = load_weights(create_model("mobilefacenet"), output)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.allclose(x.float(), y.float(), atol=1e-5), name
+
+
+def test_bad_records_are_skipped_and_counted_until_there_are_too_many(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    recipe, rec = _recordio_recipe(tmp_path, max_bad_share=0.2)
+    blob = bytearray(rec.read_bytes())
+    offset = int(rec.with_suffix(".idx").read_text().splitlines()[3].split("\t")[1])  # the third image record
+    blob[offset + 8 + 24 : offset + 8 + 40] = b"\0" * 16  # its JPEG header: undecodable
+    rec.write_bytes(bytes(blob))
+    summary = train(recipe, tmp_path / "w.safetensors", device="cpu", log=lambda _: None)
+    bad = [record["loader"]["bad"] for record in summary["history"]]
+    assert all(sum(counts.values()) <= 1 for counts in bad) and sum(sum(c.values()) for c in bad) >= 1, bad
+
+    recipe.train.max_bad_share = 0.0
+    with pytest.raises(FactoryError, match="too many bad face records"):
+        train(recipe, tmp_path / "strict.safetensors", device="cpu", log=lambda _: None)
+    assert not (tmp_path / "strict.safetensors").exists()
+
+
+def test_streamed_data_refuses_what_needs_faces_in_memory(tmp_path: Path) -> None:
+    recipe, _ = _recordio_recipe(tmp_path, loss="triplet")
+    with pytest.raises(FactoryError, match="triplet batches"):
+        train(recipe, tmp_path / "w.safetensors", device="cpu", log=lambda _: None)
+
+
+def test_bf16_autocast_trains_and_fp16_asks_for_a_gpu(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    recipe = make_recipe(tmp_path, epochs=2, weights="bf16.safetensors")
+    recipe.train.precision = "bf16"
+    summary = train(recipe, recipe.resolve("bf16.safetensors"), device="cpu", log=lambda _: None)
+    losses = [record["loss"] for record in summary["history"]]
+    assert all(math.isfinite(loss) for loss in losses) and summary["train_config"]["precision"] == "bf16"
+    assert summary["history"][0]["images_per_s"] > 0
+    recipe.train.precision = "fp16"
+    with pytest.raises(FactoryError, match="fp16 needs a GPU"):
+        train(recipe, tmp_path / "fp16.safetensors", device="cpu", log=lambda _: None)

@@ -191,20 +191,30 @@ class FaceBatches:
         low, high = self.rank * self.batch_size // self.world, (self.rank + 1) * self.batch_size // self.world
         return [order[step * self.batch_size + low : step * self.batch_size + high] for step in range(self.steps)]
 
-    def _loader(self, epoch: int) -> DataLoader:
+    def _loader(self, epoch: int, start: int) -> DataLoader:
         if self.streaming:
-            dataset = _StreamBatches(self.source, self.batch_size // self.world, self.steps, self.rank, self.world,
-                                     self.seed + epoch, self.shuffle_buffer)
+            # A resumed epoch reads its remaining steps from a stream shuffled anew (a stream cannot seek).
+            seed = self.seed + epoch
+            if start:
+                seed = int(np.random.SeedSequence([self.seed, epoch, start]).generate_state(1)[0])
+            dataset = _StreamBatches(self.source, self.batch_size // self.world, self.steps - start, self.rank,
+                                     self.world, seed, self.shuffle_buffer)
         else:
-            dataset = _MapBatches(self.source, self.rank_batches(epoch))
+            dataset = _MapBatches(self.source, self.rank_batches(epoch)[start:])
         return _data_loader(dataset, self.workers)
 
-    def epoch(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """This rank's batches of `epoch`; `stats` counts them (complete once the iterator is exhausted)."""
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """This rank's batches of `epoch` from step `start` on; `stats` counts them (complete once exhausted).
+
+        From a list, folder or RecordIO source the batches are exactly those an uninterrupted epoch has from
+        `start` on; from WebDataset shards, the remaining steps of a stream shuffled with `start` in its seed.
+        """
+        if not 0 <= start < self.steps:
+            raise FactoryError(f"an epoch has steps 0..{self.steps - 1}; cannot start at step {start}")
         self.stats = stats = ReadStats()
-        planned = self.steps * (self.batch_size // self.world)
+        planned = (self.steps - start) * (self.batch_size // self.world)
         started = time.perf_counter()
-        for images, labels, batch_stats in self._loader(epoch):
+        for images, labels, batch_stats in self._loader(epoch, start):
             stats.merge(batch_stats)
             # the fewest records this epoch can read: the planned ones, and for a stream also those it skipped
             least = planned + (stats.bad_total if self.streaming else 0)

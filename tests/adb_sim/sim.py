@@ -10,18 +10,21 @@ what the device lab uses (see AOSP packages/modules/adb/protocol.txt, SYNC.TXT, 
 - `sync:` with STAT / SEND / DATA / DONE / RECV / QUIT.
 
 Shell commands run with /bin/sh on the host inside a sandbox folder that stands in for the phone's
-file system: `/data/local/tmp` and `/sys/devices/system/cpu` are mapped into it (each core's cpufreq
-`cpuinfo_max_freq`, `scaling_governor` and `related_cpus`), and fake `getprop`, `dumpsys`, `df`, `logcat`
+file system: `/data/local/tmp`, `/sys/devices/system/cpu` (each core's cpufreq `cpuinfo_max_freq`,
+`scaling_governor` and `related_cpus`) and `/sys/class/thermal` (thermal zones, see `ThermalProfile`)
+are mapped into it, and fake `getprop`, `dumpsys`, `df`, `logcat`
 and `taskset` answer from the device description (`taskset MASK CMD` checks the mask, logs it to
 `taskset.log` in the sandbox and runs CMD unpinned). Runner binaries the
 harness pushes (the test runner kit) are host scripts, so they run here as they would on a phone.
 
-It is not a phone: no SELinux, no users, no real CPU frequency or thermal behaviour.
+It is not a phone: no SELinux, no users, no real CPU frequency; its thermal zones follow a simple
+model (each runner execution heats them, they cool towards ambient with time), not silicon.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import signal
@@ -30,6 +33,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +47,9 @@ HEADER = struct.Struct("<6I")
 
 FAKE_TOOLS = Path(__file__).resolve().parent / "device_bin"
 # Paths of a phone that the harness touches, and where they live in the sandbox.
-MAPPED_PREFIXES = ("/data/local/tmp", "/sys/devices/system/cpu")
+MAPPED_PREFIXES = ("/data/local/tmp", "/sys/devices/system/cpu", "/sys/class/thermal")
+# Where the runner kit's stand-ins append how many executions each invocation made (one count a line).
+HEAT_LOG = "thermal_runs.log"
 
 
 @dataclass
@@ -80,6 +86,32 @@ class Faults:
 
 
 @dataclass
+class ThermalProfile:
+    """How the simulated phone's thermal zones (`/sys/class/thermal/thermal_zoneN/{type,temp}`) behave.
+
+    One excess temperature over ambient drives every zone: each runner execution (warm-up or timed, as the
+    stand-ins count them) adds `heat_per_run_c` to it, and it decays as Newton's law of cooling has it,
+    by a factor e every `cooling_tau_s` seconds. A zone reads ambient + its share of the excess, in
+    millidegrees C as the kernel writes it.
+
+    Attributes:
+        ambient_c: Temperature the phone cools towards.
+        start_c: Excess-driven temperature at power-on (None: ambient).
+        heat_per_run_c: Degrees C one runner execution adds (0: the zones stay where they are).
+        cooling_tau_s: Time constant of the cooling, in seconds.
+        zones: (type, share of the excess) per zone, in zone order; a share of None is a zone whose `temp`
+            cannot be read (`cat` fails, as with some vendor sensors).
+    """
+
+    ambient_c: float = 30.0
+    start_c: float | None = None
+    heat_per_run_c: float = 0.0
+    cooling_tau_s: float = 20.0
+    zones: tuple[tuple[str, float | None], ...] = (("cpu-0-0-usr", 0.8), ("cpu-1-0-usr", 1.0), ("battery", 0.2),
+                                                   ("skin-therm", 0.3), ("tsens_tz_sensor9", None))
+
+
+@dataclass
 class DeviceProfile:
     """What `getprop` says about the simulated phone."""
 
@@ -92,6 +124,7 @@ class DeviceProfile:
     # recent big.LITTLE phone (the big core's governor differs so that per-cluster logging shows).
     cpus: tuple[tuple[int, str], ...] = ((1_800_000, "schedutil"),) * 4 + ((2_400_000, "schedutil"),) * 3 + (
         (3_000_000, "performance"),)
+    thermal: ThermalProfile = field(default_factory=ThermalProfile)
 
     def props(self) -> dict[str, str]:
         return {
@@ -284,6 +317,11 @@ class SimulatedDevice:
         for prefix in MAPPED_PREFIXES:
             (self.root / prefix.lstrip("/")).mkdir(parents=True, exist_ok=True)
         self._write_cpus()
+        thermal = self.profile.thermal
+        self.excess_c = (thermal.start_c if thermal.start_c is not None else thermal.ambient_c) - thermal.ambient_c
+        self.excess_at = time.monotonic()
+        self.runs_heated = 0
+        self.update_thermal()
         self._write_state()
         self.listener = socket.create_server(("127.0.0.1", port))
         self.port = self.listener.getsockname()[1]
@@ -301,6 +339,38 @@ class SimulatedDevice:
             (folder / "cpuinfo_max_freq").write_text(f"{khz}\n")
             (folder / "scaling_governor").write_text(f"{governor}\n")
             (folder / "related_cpus").write_text(" ".join(str(i) for i in related) + "\n")
+
+    def update_thermal(self) -> None:
+        """Bring the thermal zones up to now: cool for the time passed, heat for the executions the runner
+        stand-ins logged since the last update, and rewrite every zone's `temp`."""
+        thermal = self.profile.thermal
+        with self.lock:
+            log = self.root / HEAT_LOG
+            runs = 0
+            if log.exists():
+                runs = sum(int(line) for line in log.read_text().split())
+                log.unlink()
+            now = time.monotonic()
+            self.excess_c *= math.exp(-(now - self.excess_at) / thermal.cooling_tau_s)
+            self.excess_at = now
+            self.excess_c += runs * thermal.heat_per_run_c
+            self.runs_heated += runs
+            for index, (kind, share) in enumerate(thermal.zones):
+                folder = self.root / f"sys/class/thermal/thermal_zone{index}"
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "type").write_text(f"{kind}\n")
+                if share is None:
+                    # A folder where the file should be: `cat` fails, as an unreadable vendor sensor does.
+                    (folder / "temp").mkdir(exist_ok=True)
+                else:
+                    millidegrees = round(1000 * (thermal.ambient_c + share * self.excess_c))
+                    (folder / "temp").write_text(f"{millidegrees}\n")
+
+    def zone_c(self, kind: str) -> float:
+        """What zone `kind` reads now, in degrees C."""
+        self.update_thermal()
+        index = [zone for zone, _ in self.profile.thermal.zones].index(kind)
+        return int((self.root / f"sys/class/thermal/thermal_zone{index}/temp").read_text()) / 1000
 
     def _write_state(self) -> None:
         """The files the fake device tools and the test runner kit read."""
@@ -348,6 +418,7 @@ class SimulatedDevice:
         if self.faults.vanish_on_command and self.faults.vanish_on_command in command:
             self.vanish()
             return
+        self.update_thermal()
         env = {**os.environ, "PATH": f"{FAKE_TOOLS}:{os.environ['PATH']}", "SIM_ROOT": str(self.root),
                "SIM_PYTHON": sys.executable, "SIM_RUNTIME_SOCKET": str(self.runtime_socket or "")}
         process = subprocess.Popen(["/bin/sh", "-c", self._to_host(command)], cwd=self.root, env=env,
@@ -369,6 +440,7 @@ class SimulatedDevice:
         finally:
             process.stdout.close()
             process.wait()
+            self.update_thermal()
 
     def sync(self, stream: Stream) -> None:
         while True:

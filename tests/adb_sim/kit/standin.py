@@ -37,7 +37,19 @@ def main() -> int:
         reply = json.loads(connection.makefile().readline())
     sys.stdout.write(reply["stdout"])
     sys.stderr.write(reply["stderr"])
+    with (root / "thermal_runs.log").open("a") as log:  # the phone heats with every execution (sim.HEAT_LOG)
+        log.write(f"{executions(argv)}\n")
     return reply["code"]
+
+
+def executions(argv: list[str]) -> int:
+    """How many times this invocation ran the model: executor_runner's --num_executions, benchmark_model's and
+    tflite_embed's warm-up plus timed runs, else tflite_embed's --count faces, else once."""
+    flags = dict(arg[2:].split("=", 1) for arg in argv if arg.startswith("--") and "=" in arg)
+    if "num_executions" in flags:
+        return int(flags["num_executions"])
+    runs = int(flags.get("warmup_runs", 0)) + int(flags.get("num_runs", 0))
+    return runs or int(flags.get("count", 1))
 
 
 if __name__ == "__main__":
