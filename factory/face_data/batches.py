@@ -234,8 +234,12 @@ class FaceBatches:
 
 
 def _data_loader(dataset: Dataset, workers: int) -> DataLoader:
+    # Workers start from a fresh interpreter (forkserver), not a fork of this process: a forked child inherits
+    # OpenCV's thread pool without its threads and deadlocks in its first OpenCV call once the parent has used
+    # OpenCV (decoding, augmentation) — seen as a hung epoch.
     return DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
-                      worker_init_fn=_one_decoder_thread if workers else None)
+                      worker_init_fn=_one_decoder_thread if workers else None,
+                      multiprocessing_context="forkserver" if workers else None)
 
 
 def scan(source: MapSource | WebDatasetSource, workers: int = 0, limit: int | None = None,
