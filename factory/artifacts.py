@@ -19,6 +19,7 @@ import numpy as np
 from torch import nn
 
 from factory import gates, triage
+from factory.compile_lane import CompileLane, compile_here
 from factory.io import artifact_bytes
 from factory.latency import all_threads, latency_rows
 from factory.report_schema import Artifact, from_data, to_data
@@ -149,24 +150,31 @@ def compile_and_verify(spec: StageSpec, targets: list[tuple[str, list[str]]], ou
 
     `latency` is (warm-up calls, timed runs) of the host latency measurement.
     """
-    results = []
+    jobs = []
     for fmt, precisions in targets:
         target = get_target(fmt)
         for precision in precisions:
-            request = CompileRequest(
+            jobs.append((target, CompileRequest(
                 backbone=spec.network, mean=spec.mean, std=spec.std, embedding_size=spec.embedding_size,
                 precision=precision, calibration=spec.calibration,
                 output=out / f"{spec.stem}_{precision}{target.suffix}", stages=log, graph=spec.graph,
                 output_name=spec.output_name, output_shape=spec.output_shape, description=spec.description,
                 observer=spec.observer, w8_keep_float16_up_to=spec.w8_keep_float16_up_to.get(fmt, 0),
-            )
-            artifact = target.compile(request)
+            )))
+    # Every artifact compiles in the worker, in this order, while the ones before it are verified here.
+    lane = CompileLane(jobs, log)
+    results = []
+    try:
+        for target, request in jobs:
+            artifact = lane.take(target, request)
             artifact.quantization = request.describe_quantization(artifact.quantization)
             result = _verify(spec, target, artifact, log, printer, latency)
-            if (precision == "int8" and not result.passed and spec.triage is not None and spec.triage.enabled
-                    and triage.supports(target)):
+            if (request.precision == "int8" and not result.passed and spec.triage is not None
+                    and spec.triage.enabled and triage.supports(target)):
                 result = _triage(spec, target, request, artifact, result, log, printer, latency)
             results.append(result)
+    finally:
+        lane.cancel()
     return results
 
 
@@ -177,7 +185,7 @@ def _triage(spec: StageSpec, target: Target, request: CompileRequest, first_arti
     verified in full, with the triage record in its report entry."""
 
     def attempt(req: CompileRequest) -> tuple[CompiledArtifact, dict[str, Any]]:
-        artifact = target.compile(req)
+        artifact = compile_here(target, req)
         with log.stage(Stage.TRIAGE, f"{artifact.path.name} on {spec.what(target)} (observer {req.observer}, "
                                      f"{len(req.float_layers)} float layer(s))"):
             return artifact, spec.check(target.load_runner(artifact.path, all_threads()), artifact, target).parity

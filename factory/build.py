@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -133,11 +134,12 @@ def build(recipe: Recipe, out_dir: Path | None = None, printer: Callable[[str], 
     log_path = out / "build.log"
     log_path.unlink(missing_ok=True)
     printer = printer or console_printer()
+    started = time.perf_counter()
     with output_to(log_path):
-        return _build(recipe, out, StageLog(printer, log_path), printer)
+        return _build(recipe, out, StageLog(printer, log_path), printer, started)
 
 
-def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], None]) -> BuildResult:
+def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], None], started: float) -> BuildResult:
     manifest_path = out / "manifest.json"
     spec = recipe.model.input
 
@@ -287,6 +289,7 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
         **({"ablation": ablation} if ablation else {}),
         "inputs": build_inputs(recipe, calibration, calibration_paths, evaluation),
         "stages": log.records,
+        "wall_seconds": round(time.perf_counter() - started, 1),
     }
     with log.stage(Stage.REPORT, str(out)):
         title = f"{recipe.name}: {len(evaluation.pairs)} pairs, {len(evaluation.paths)} held-out faces"

@@ -153,8 +153,12 @@ def render_markdown(report: BuildReport, figures: dict[str, str] | None = None) 
                                "pipeline kinds existed); rebuild the recipe")
         lines += pipeline_kind(report.pipeline["kind"]).card_lines(report.pipeline)
     lines += _inputs_lines(report.inputs)
-    lines += ["", "## Build stages", "", "| stage | subject | seconds |", "|---|---|---|"]
-    lines += [f"| {r.stage} | {r.subject} | {r.seconds} |" for r in report.stages]
+    lines += ["", "## Build stages", ""]
+    if report.wall_seconds is not None:
+        lines += [f"Wall time {report.wall_seconds:.0f} s to the report. Stages marked *worker* ran in the compile "
+                  "worker while the build verified the artifacts before them, so the stages add up to more.", ""]
+    lines += ["| stage | subject | seconds |", "|---|---|---|"]
+    lines += [f"| {r.stage} | {r.subject}{' (*worker*)' if r.worker else ''} | {r.seconds} |" for r in report.stages]
     return "\n".join(lines) + "\n"
 
 

@@ -313,6 +313,8 @@ class StageRecord:
     stage: str
     subject: str
     seconds: float
+    # True: the compile worker ran it while the build verified earlier artifacts (`factory.compile_lane`).
+    worker: bool | None = field(default=None, metadata=OPTIONAL)
 
 
 @dataclass
@@ -336,6 +338,8 @@ class BuildReport:
     ablation: list[AblationRow] | None = field(default=None, metadata=OPTIONAL)
     # What determines the artifacts (`factory.build.build_inputs`); reports from before it lack it.
     inputs: dict[str, Any] | None = field(default=None, metadata=OPTIONAL)
+    # Wall time from the start of the build to its report (stages overlap, so they add up to more).
+    wall_seconds: float | None = field(default=None, metadata=OPTIONAL)
 
     @property
     def passed(self) -> bool:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from factory import gates
+from factory.compile_lane import compile_here
 from factory.metrics import cosine_rows
 from factory.observers import observer_names
 from factory.report_schema import Gate, LayerSensitivity, Triage, TriageAttempt, from_data
@@ -128,7 +129,7 @@ def run(request: CompileRequest, target: Target, first: tuple[CompiledArtifact, 
     chosen = len(attempts) - 1 if attempts[-1].passed else max(range(len(attempts)),
                                                               key=lambda i: _score(attempts[i]))
     if chosen != len(attempts) - 1:  # the file on disk is the last attempt's
-        artifacts[chosen] = target.compile(requests[chosen])
+        artifacts[chosen] = compile_here(target, requests[chosen])
     record = Triage(
         observer=requests[chosen].observer, float_layers=list(requests[chosen].float_layers),
         passed=attempts[chosen].passed, attempts=attempts, max_float_layers=settings.max_float_layers,

@@ -40,6 +40,13 @@ class TinyFaceNet(nn.Module):
         return torch.flatten(self.body(x), 1)
 
 
+class Unexportable(nn.Module):
+    """A network no converter can export: its forward fails (for compile-failure tests)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("this network cannot be traced")
+
+
 def settle_batchnorm(model: nn.Module, images: torch.Tensor) -> nn.Module:
     """Set batch-norm statistics from `images` so a randomly initialised model has sane activations."""
     for module in model.modules():

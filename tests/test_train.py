@@ -257,3 +257,25 @@ def test_bf16_autocast_trains_and_fp16_asks_for_a_gpu(tmp_path: Path) -> None:
     recipe.train.precision = "fp16"
     with pytest.raises(FactoryError, match="fp16 needs a GPU"):
         train(recipe, tmp_path / "fp16.safetensors", device="cpu", log=lambda _: None)
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_like_eager_and_checkpoints_the_plain_model(tmp_path: Path) -> None:
+    torch.set_num_threads(2)
+    recipe = make_recipe(tmp_path, epochs=2, weights="eager.safetensors")
+    eager = train(recipe, tmp_path / "eager.safetensors", device="cpu", log=lambda _: None)
+    recipe.train.compile = True
+    compiled = train(recipe, tmp_path / "compiled.safetensors", device="cpu", log=lambda _: None)
+    assert compiled["train_config"]["compile"] is True and eager["train_config"]["compile"] is False
+    # Inductor's fused kernels round differently from eager ones, so the two runs drift apart by float noise only.
+    for plain, fused in zip(eager["history"], compiled["history"], strict=True):
+        assert fused["loss"] == pytest.approx(plain["loss"], rel=1e-3)
+    # What is saved is the plain module's state (no `_orig_mod.` prefixes): it loads into an uncompiled network.
+    model = load_weights(create_model(recipe.model.architecture, **recipe.model.builder_kwargs()),
+                         tmp_path / "compiled.safetensors")
+    reference = load_weights(create_model(recipe.model.architecture, **recipe.model.builder_kwargs()),
+                             tmp_path / "eager.safetensors")
+    drift = max((a - b).abs().max().item() for a, b in zip(model.state_dict().values(),
+                                                           reference.state_dict().values(), strict=True)
+                if a.is_floating_point())
+    assert 0 < drift < 1e-2

@@ -80,6 +80,7 @@ def make_reproducible(package: Path) -> None:
 
 
 class CoreMLTarget:
+    compiles_in_worker = True  # factory.compile_lane
     format = "coreml"
     suffix = ".mlpackage"
     precisions = ("fp16", "w8", "int8")

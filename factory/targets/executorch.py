@@ -37,6 +37,7 @@ def undelegated_ops(edge_program: torch.export.ExportedProgram) -> list[str]:
 
 
 class ExecuTorchTarget:
+    compiles_in_worker = True  # factory.compile_lane
     format = "executorch"
     suffix = ".pte"
     precisions = ("fp32", "int8")

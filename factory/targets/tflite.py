@@ -80,6 +80,7 @@ def _is_gated_hardswish(node: torch.fx.Node) -> bool:
 
 
 class TFLiteTarget:
+    compiles_in_worker = True  # factory.compile_lane
     format = "tflite"
     suffix = ".tflite"
     precisions = ("fp32", "int8")
