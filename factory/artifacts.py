@@ -11,6 +11,7 @@ parity metrics (`factory.gates`), times the artifact where its runtime runs nati
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,10 +169,10 @@ def compile_and_verify(spec: StageSpec, targets: list[tuple[str, list[str]]], ou
         for target, request in jobs:
             artifact = lane.take(target, request)
             artifact.quantization = request.describe_quantization(artifact.quantization)
-            result = _verify(spec, target, artifact, log, printer, latency)
+            result = _verify(spec, target, artifact, log, printer, latency, lane.quiet)
             if (request.precision == "int8" and not result.passed and spec.triage is not None
                     and spec.triage.enabled and triage.supports(target)):
-                result = _triage(spec, target, request, artifact, result, log, printer, latency)
+                result = _triage(spec, target, request, artifact, result, log, printer, latency, lane.quiet)
             results.append(result)
     finally:
         lane.cancel()
@@ -179,8 +180,8 @@ def compile_and_verify(spec: StageSpec, targets: list[tuple[str, list[str]]], ou
 
 
 def _triage(spec: StageSpec, target: Target, request: CompileRequest, first_artifact: CompiledArtifact,
-            first: ArtifactResult, log: StageLog,
-            printer: Callable[[str], None], latency: tuple[int, int]) -> ArtifactResult:
+            first: ArtifactResult, log: StageLog, printer: Callable[[str], None], latency: tuple[int, int],
+            quiet: Callable[[], AbstractContextManager]) -> ArtifactResult:
     """Quantisation triage of an int8 artifact that missed its gates (`factory.triage`); the shipped attempt,
     verified in full, with the triage record in its report entry."""
 
@@ -195,7 +196,7 @@ def _triage(spec: StageSpec, target: Target, request: CompileRequest, first_arti
                                           spec.gates.get(request.precision), attempt, spec.triage, log, printer)
     if artifact is not first_artifact:
         artifact.quantization = chosen.describe_quantization(artifact.quantization)
-    result = _verify(spec, target, artifact, log, printer, latency)
+    result = _verify(spec, target, artifact, log, printer, latency, quiet)
     record.all_int8_latency_ms = first.report.latency_ms
     if first.report.latency_ms and result.report.latency_ms:
         record.latency_cost_ms = {
@@ -206,7 +207,10 @@ def _triage(spec: StageSpec, target: Target, request: CompileRequest, first_arti
 
 
 def _verify(spec: StageSpec, target: Target, artifact: CompiledArtifact, log: StageLog,
-            printer: Callable[[str], None], latency: tuple[int, int]) -> ArtifactResult:
+            printer: Callable[[str], None], latency: tuple[int, int],
+            quiet: Callable[[], AbstractContextManager] = nullcontext) -> ArtifactResult:
+    """Check, gate and time one artifact; `quiet` holds other work of the build (the compile worker) while the
+    artifact is timed."""
     gate = spec.gates.get(artifact.precision)
     with log.stage(Stage.VERIFY, f"{artifact.path.name} on {spec.what(target)}"):
         others = []
@@ -222,12 +226,12 @@ def _verify(spec: StageSpec, target: Target, artifact: CompiledArtifact, log: St
     extra = {**measured.extra, **(spec.follow_up(runner, artifact, target) if spec.follow_up else {})}
     latency_ms = op_profile = None
     if target.host_latency:
-        with log.stage(Stage.VERIFY, f"{artifact.path.name} latency"):
+        with log.stage(Stage.VERIFY, f"{artifact.path.name} latency"), quiet():
             example = in_layout(spec.latency_input[:1], artifact.input_layout)
             latency_ms = latency_rows(artifact_call(target, artifact.path, example), *latency)
         profile = getattr(target, "op_profile", None)  # runtimes with a per-operator event tracer
         if profile is not None:
-            with log.stage(Stage.VERIFY, f"{artifact.path.name} per-op profile (1 thread)"):
+            with log.stage(Stage.VERIFY, f"{artifact.path.name} per-op profile (1 thread)"), quiet():
                 op_profile = profile(artifact.path, example, 1)
     entry = {
         "file": artifact.path.name, "format": artifact.format, "precision": artifact.precision,

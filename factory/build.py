@@ -23,6 +23,7 @@ import torch
 
 from factory.ablation import ablation_rows
 from factory.artifacts import Check, StageSpec, compile_and_verify
+from factory.compile_lane import COMPILE_THREADS
 from factory.data import load_images, read_split, sample_paths
 from factory.deploy import Embedder
 from factory.errors import FactoryError
@@ -326,7 +327,8 @@ def build_inputs(recipe: Recipe, calibration: np.ndarray, calibration_paths: lis
     checkout-dependent path left out). Faces are hashed by their names in order and by the exact pixel array
     the quantisers and verifiers saw (a re-encoded or re-aligned image changes the latter only). The tool
     versions and the CPU model complete it: kernels are chosen by CPU features, so int8 calibration ranges
-    may differ in their last bits on another CPU.
+    may differ in their last bits on another CPU. Compiles run on one intra-op thread (`compile_threads`;
+    builds before `factory.compile_lane` calibrated on every core, so their int8 bytes may differ).
     """
     resolved = {key: value for key, value in recipe.to_dict().items() if key != "path"}
     root = recipe.resolve(recipe.data.root)
@@ -341,6 +343,7 @@ def build_inputs(recipe: Recipe, calibration: np.ndarray, calibration_paths: lis
                              "pixels_sha256": _sha256(np.ascontiguousarray(evaluation.pixels("NCHW")).tobytes())},
         "tools": tool_versions(),
         "cpu": cpu_model(),
+        "compile_threads": COMPILE_THREADS,
     }
 
 

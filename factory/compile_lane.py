@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing
+import os
+import signal
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
@@ -32,14 +34,17 @@ import torch
 from factory.stages import StageLog, log_tail, output_to
 from factory.targets import CompiledArtifact, CompileRequest, Target, get_target
 
+# Intra-op threads of every compile (recorded in a build's inputs: it decides calibration's summation order).
+COMPILE_THREADS = 1
+
 _WORKER: ProcessPoolExecutor | None = None
 
 
 @contextmanager
 def one_thread() -> Iterator[None]:
-    """Run the block on one intra-op thread (restored afterwards)."""
+    """Run the block on `COMPILE_THREADS` intra-op threads (restored afterwards)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(COMPILE_THREADS)
     try:
         yield
     finally:
@@ -105,6 +110,22 @@ class CompileLane:
             self.log.printer(f"[{record['stage']}] {record['subject']} done in {record['seconds']:.1f} s "
                              "(compile worker)")
         return artifact
+
+    @contextmanager
+    def quiet(self) -> Iterator[None]:
+        """Pause the worker for the block (a latency measurement must not share the cores with a compile).
+
+        The worker is stopped with SIGSTOP and continued afterwards; a compile in progress just waits.
+        """
+        paused = [] if _WORKER is None or not self.futures else [
+            pid for pid in list(getattr(_WORKER, "_processes", None) or {})]
+        for pid in paused:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in paused:
+                os.kill(pid, signal.SIGCONT)
 
     def cancel(self) -> None:
         """Drop the compiles not yet started (the build stopped early)."""

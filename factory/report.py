@@ -273,13 +273,15 @@ def _inputs_lines(inputs: dict[str, Any] | None) -> list[str]:
              for key, name in (("calibration_faces", "calibration faces"), ("evaluation_faces", "evaluation faces"))]
     weights = f"`{inputs['weights_sha256'][:12]}…`" if inputs.get("weights_sha256") else "imported"
     tools = ", ".join(f"{name} {version}" for name, version in inputs["tools"].items())
+    threads = inputs.get("compile_threads")
+    cpu = f"- CPU: {inputs['cpu']}" + (f"; compiles on {threads} intra-op thread(s)." if threads else ".")
     return ["", "## Build inputs", "",
             "A rebuild with the same inputs on the same CPU model writes byte-identical artifacts "
             "([docs/reproducibility.md](../../docs/reproducibility.md)); full digests in report.json and "
             "manifest.json.",
             "", f"- Recipe file `{inputs['recipe_file_sha256'][:12]}…`, resolved recipe "
             f"`{inputs['resolved_recipe_sha256'][:12]}…`; weights {weights}.",
-            *(f"- {line}." for line in faces), f"- Tools: {tools}.", f"- CPU: {inputs['cpu']}."]
+            *(f"- {line}." for line in faces), f"- Tools: {tools}.", cpu]
 
 
 def gates_cell(gates: list[Gate]) -> str:

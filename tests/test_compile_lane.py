@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from helpers import Unexportable
 
+from factory import compile_lane
 from factory.compile_lane import CompileLane, compile_here
 from factory.stages import StageLog
 from factory.targets import CompileRequest, get_target
@@ -22,6 +23,11 @@ def _request(backbone, out: Path, precision: str, suffix: str, log: StageLog) ->
                           stages=log)
 
 
+def _state(pid: int) -> str:
+    """A process's state letter from /proc (T: stopped)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
 def test_the_worker_compiles_in_order_the_bytes_compiled_in_line(tiny_backbone, tmp_path: Path) -> None:
     lines: list[str] = []
     log = StageLog(lines.append, tmp_path / "build.log")
@@ -30,6 +36,11 @@ def test_the_worker_compiles_in_order_the_bytes_compiled_in_line(tiny_backbone, 
             (pte, _request(tiny_backbone, tmp_path / "worker", "fp32", ".pte", log))]
     (tmp_path / "worker").mkdir()
     lane = CompileLane(jobs, log)
+    # While the build times an artifact the worker is stopped, and it goes on afterwards.
+    (pid,) = list(compile_lane._WORKER._processes)
+    with lane.quiet():
+        assert _state(pid) == "T"
+    assert _state(pid) != "T"
     artifacts = [lane.take(target, request) for target, request in jobs]
     assert [a.path.name for a in artifacts] == ["tiny_int8.tflite", "tiny_fp32.pte"]
     assert [a.precision for a in artifacts] == ["int8", "fp32"] and artifacts[0].input_layout == "NHWC"

@@ -22,7 +22,8 @@ from factory.weights import sha256_of
 pytestmark = pytest.mark.data
 
 # Measured on the build machine, not properties of the artifacts.
-TIMING_KEYS = {"created", "stages", "wall_seconds", "peers", "latency_ms", "op_profile", "host"}
+TIMING_KEYS = {"created", "stages", "wall_seconds", "peers", "latency_ms", "op_profile", "host",
+               "all_int8_latency_ms", "latency_cost_ms"}  # the last two: quantisation triage's timings
 
 
 def small_recipe(tmp_path: Path, faces_root: Path) -> Path:

@@ -267,15 +267,25 @@ def test_torch_compile_trains_like_eager_and_checkpoints_the_plain_model(tmp_pat
     recipe.train.compile = True
     compiled = train(recipe, tmp_path / "compiled.safetensors", device="cpu", log=lambda _: None)
     assert compiled["train_config"]["compile"] is True and eager["train_config"]["compile"] is False
-    # Inductor's fused kernels round differently from eager ones, so the two runs drift apart by float noise only.
-    for plain, fused in zip(eager["history"], compiled["history"], strict=True):
-        assert fused["loss"] == pytest.approx(plain["loss"], rel=1e-3)
+    losses = [record["loss"] for record in compiled["history"]]
+    assert all(math.isfinite(loss) for loss in losses) and losses[1] < 0.6 * losses[0]
+    # Inductor's kernels sum in another order; ArcFace (s=64) on 24 faces amplifies that within a few steps, so
+    # the runs agree closely only at the start.
+    assert losses[0] == pytest.approx(eager["history"][0]["loss"], rel=0.05)
     # What is saved is the plain module's state (no `_orig_mod.` prefixes): it loads into an uncompiled network.
-    model = load_weights(create_model(recipe.model.architecture, **recipe.model.builder_kwargs()),
-                         tmp_path / "compiled.safetensors")
-    reference = load_weights(create_model(recipe.model.architecture, **recipe.model.builder_kwargs()),
-                             tmp_path / "eager.safetensors")
-    drift = max((a - b).abs().max().item() for a, b in zip(model.state_dict().values(),
-                                                           reference.state_dict().values(), strict=True)
-                if a.is_floating_point())
-    assert 0 < drift < 1e-2
+    load_weights(create_model(recipe.model.architecture, **recipe.model.builder_kwargs()),
+                 tmp_path / "compiled.safetensors")
+
+    # One training step of the compiled network against eager, from the same weights on the same batch: the
+    # gradients agree to within float noise (batch norm's backward over 8 images amplifies the reordered sums to
+    # about 1e-3 of the gradient's norm; a wrong or missing gradient would be of its order).
+    torch.manual_seed(0)
+    model = create_model(recipe.model.architecture, **recipe.model.builder_kwargs()).train()
+    twin = create_model(recipe.model.architecture, **recipe.model.builder_kwargs()).train()
+    twin.load_state_dict(model.state_dict())
+    images, projection = torch.randn(8, 3, 112, 112), torch.randn(recipe.model.embedding_size, 4)
+    (model(images) @ projection).square().mean().backward()
+    (torch.compile(twin)(images) @ projection).square().mean().backward()
+    plain = torch.cat([p.grad.flatten() for p in model.parameters()])
+    fused = torch.cat([p.grad.flatten() for p in twin.parameters()])
+    assert (plain - fused).norm() < 1e-2 * plain.norm()
