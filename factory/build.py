@@ -29,7 +29,7 @@ from factory.deploy import Embedder
 from factory.errors import FactoryError
 from factory.evaluation import EvaluationSet, load_evaluation_set, load_pair_set
 from factory.golden import write_golden
-from factory.io import display_path, write_text_atomic
+from factory.io import array_buffer, display_path, write_text_atomic
 from factory.latency import all_threads, latency_rows
 from factory.metrics import cosine_rows, cosine_summary, flip_rate
 from factory.models import load_backbone, model_entry, weights_provenance
@@ -306,7 +306,7 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
     return BuildResult(out, typed, log.records)
 
 
-def _sha256(data: bytes) -> str:
+def _sha256(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -338,9 +338,9 @@ def build_inputs(recipe: Recipe, calibration: np.ndarray, calibration_paths: lis
         "resolved_recipe_sha256": _sha256(json.dumps(resolved, sort_keys=True).encode()),
         "weights_sha256": sha256_of(weights) if weights is not None and weights.is_file() else None,
         "calibration_faces": {"count": len(calibration_paths), "list_sha256": _face_list(calibration_paths, root),
-                              "pixels_sha256": _sha256(np.ascontiguousarray(calibration).tobytes())},
+                              "pixels_sha256": _sha256(array_buffer(calibration))},
         "evaluation_faces": {"count": len(evaluation.paths), "list_sha256": _face_list(evaluation.paths, root),
-                             "pixels_sha256": _sha256(np.ascontiguousarray(evaluation.pixels("NCHW")).tobytes())},
+                             "pixels_sha256": _sha256(array_buffer(evaluation.pixels("NCHW")))},
         "tools": tool_versions(),
         "cpu": cpu_model(),
         "compile_threads": COMPILE_THREADS,

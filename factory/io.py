@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -54,3 +56,9 @@ def display_path(path: Path) -> str:
 def artifact_bytes(path: Path) -> int:
     """Size of an artifact: a file, or every file of a directory bundle (.mlpackage)."""
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def array_buffer(array: np.ndarray) -> memoryview:
+    """The bytes of `array` in C order, for hashing, without copying a contiguous array (a 1.2 GB face array
+    hashed through `tobytes()` is copied first: 2.5x slower)."""
+    return memoryview(np.ascontiguousarray(array)).cast("B")

@@ -29,7 +29,7 @@ import torch
 from factory.deploy import Embedder
 from factory.errors import FactoryError
 from factory.evaluation import REFERENCE_BATCH, REFERENCE_LAYOUT, torch_embeddings
-from factory.io import atomic_path
+from factory.io import array_buffer, atomic_path
 
 
 def enabled() -> bool:
@@ -58,7 +58,7 @@ def cache_key(model: Embedder, pixels: np.ndarray) -> str:
     backbone = getattr(model, "backbone", model)
     for obj in (type(backbone), Embedder):
         digest.update(_source(obj))
-    digest.update(np.ascontiguousarray(pixels).tobytes())
+    digest.update(array_buffer(pixels))
     digest.update(f"{pixels.shape} {pixels.dtype} {REFERENCE_BATCH} {REFERENCE_LAYOUT} {torch.__version__}".encode())
     return digest.hexdigest()
 
