@@ -158,7 +158,11 @@ def _training(training: dict[str, Any] | None) -> str:
     cfg = training.get("train_config", {})
     distill = cfg.get("distill")
     taught = f" + distillation from {', '.join(distill['teachers'])}" if distill else ""
-    start = f" from `{Path(cfg['init_from']).name}`" if cfg.get("init_from") else ""
+    start = ""
+    if cfg.get("init_from"):  # a file's name at training time says less than its digest (names get reused)
+        digest = training.get("init_from_sha256")
+        name = f"`{Path(cfg['init_from']).name}`"
+        start = f" from weights `{digest[:12]}…` (then named {name})" if digest else f" from {name}"
     return (f"{cfg.get('loss', 'arcface')}{taught}, {training.get('epochs')} epochs{start}, "
             f"{training.get('wall_time_s', 0) / 60:.0f} min on {training.get('device')}")
 
