@@ -25,7 +25,7 @@ import os
 import signal
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -66,11 +66,8 @@ def in_worker(target: Target) -> bool:
 def _compile_job(fmt: str, request: CompileRequest, log_path: Path | None) -> tuple[CompiledArtifact, list[dict]]:
     """In the worker: compile one artifact, with tool output appended to the build log."""
     log = StageLog(lambda _line: None, log_path)
-    request = replace(request, stages=log)
-    if log_path is None:
-        return compile_here(get_target(fmt), request), log.records
-    with output_to(log_path):
-        return compile_here(get_target(fmt), request), log.records
+    with output_to(log_path) if log_path is not None else nullcontext():
+        return compile_here(get_target(fmt), replace(request, stages=log)), log.records
 
 
 def _worker() -> ProcessPoolExecutor:
@@ -117,8 +114,8 @@ class CompileLane:
 
         The worker is stopped with SIGSTOP and continued afterwards; a compile in progress just waits.
         """
-        paused = [] if _WORKER is None or not self.futures else [
-            pid for pid in list(getattr(_WORKER, "_processes", None) or {})]
+        # `_processes` (pid -> process) is the executor's own record of its workers; empty until the first submit.
+        paused = list(_WORKER._processes or {}) if _WORKER is not None and self.futures else []
         for pid in paused:
             os.kill(pid, signal.SIGSTOP)
         try:

@@ -240,8 +240,10 @@ class CoreMLInterpreter:
                 results = result if isinstance(result, tuple) else (result,)
                 # A result that shares memory with an operand (a reshape's view, an op that returns its input)
                 # is rounded into a new tensor; any other is the kernel's own and is rounded where it is.
-                operands = {_storage(value) for source in args.values()
-                            for value in (source if isinstance(source, tuple) else (source,))}
+                operands: set[int | None] = set()
+                if any(output.dtype == "fp16" for output in step.outputs):
+                    operands = {_storage(value) for source in args.values()
+                                for value in (source if isinstance(source, tuple) else (source,))}
                 for output, value in zip(step.outputs, results, strict=True):
                     value = _round_to(value, output.dtype, _storage(value) not in operands)
                     self._check_shape(step, output, tuple(value.shape), batch)
