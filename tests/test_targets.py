@@ -84,8 +84,7 @@ def test_executorch_refuses_a_graph_that_is_not_fully_delegated(tmp_path) -> Non
 
 @pytest.mark.parametrize(("precision", "weights_int8", "activations_int8", "min_cosine"), [
     ("fp16", False, False, 0.999), ("w8", True, False, 0.999),
-    # Minutes: coremltools' PT2E CoreMLQuantizer re-exports each of its annotation patterns in prepare_pt2e.
-    pytest.param("int8", True, True, 0.98, marks=pytest.mark.slow),
+    ("int8", True, True, 0.98),
 ])
 def test_coreml_program_is_built_as_promised_and_matches_pytorch(tiny_backbone, tmp_path, precision, weights_int8,
                                                                  activations_int8, min_cosine) -> None:
@@ -107,7 +106,6 @@ def test_coreml_program_is_built_as_promised_and_matches_pytorch(tiny_backbone, 
     assert parity["cosine_mean"] >= min_cosine, parity
 
 
-@pytest.mark.slow  # two CoreMLQuantizer calibrations, minutes each
 def test_coreml_int8_activation_ranges_count_every_calibration_face_in_any_order(tiny_backbone, tmp_path) -> None:
     """Faces are calibrated one at a time; a moving-average observer would forget all but the last ~100."""
     target = get_target("coreml")

@@ -130,7 +130,8 @@ class CoreMLTarget:
     def int8_quantizer(request: CompileRequest) -> tuple[object, torch.nn.Module]:
         """A fresh PT2E quantiser for int8, and the network it quantises (the backbone)."""
         import coremltools.optimize.torch.quantization as ctq
-        from executorch.backends.apple.coreml.quantizer import CoreMLQuantizer
+
+        from factory.targets.coreml_patterns import pruned_coreml_quantizer
 
         # Affine activations (a zero point per tensor) suit PReLU outputs, which are far from symmetric;
         # weights stay int8 per output channel. Core ML takes the folded int8 weights directly
@@ -143,7 +144,7 @@ class CoreMLTarget:
             quantization_scheme="affine", activation_dtype=torch.quint8, weight_dtype=torch.qint8,
             weight_per_channel=True, activation_observer="min_max",
         ))
-        return CoreMLQuantizer(config), request.backbone
+        return pruned_coreml_quantizer(config), request.backbone
 
     @staticmethod
     def _convert(exported: torch.export.ExportedProgram, shape: tuple[int, ...], precision: str,
