@@ -27,6 +27,8 @@ def training_row(training: dict[str, Any] | None) -> dict[str, Any]:
     outputs = distill.get("teacher_outputs")
     if outputs == "cached":
         outputs = f"cached, {distill.get('cached_views')} views a face"
+    if outputs and distill.get("center_teachers"):
+        outputs += ", centred"
     return {
         "teachers": list(distill.get("teachers") or []),
         "teacher_outputs": outputs,

@@ -54,6 +54,22 @@ class Distiller(nn.Module):
             for name, cache in self.caches.items():  # (faces, views, D)
                 self.cached[name] = np.stack(
                     [cache.embeddings(images, self.digests, view, seed) for view in range(cfg.cached_views)], axis=1)
+        # Each teacher's mean embedding of the (un-augmented) training faces, subtracted from its targets.
+        self.centres: dict[str, np.ndarray] = {}
+        if cfg.center_teachers:
+            self.centres = {name: cache.embeddings(images, self.digests, None).mean(axis=0)
+                            for name, cache in self.caches.items()}
+
+    def _unit(self, name: str, embeddings: np.ndarray) -> np.ndarray:
+        """A teacher's embeddings as targets: centred on its training mean (`center_teachers`), unit length."""
+        if name not in self.centres:
+            return embeddings
+        centred = embeddings - self.centres[name]
+        return centred / np.maximum(np.linalg.norm(centred, axis=-1, keepdims=True), 1e-12)
+
+    def centre_norms(self) -> dict[str, float]:
+        """Length of each centred teacher's mean unit embedding (1: every face the same; 0: no common axis)."""
+        return {name: round(float(np.linalg.norm(centre)), 4) for name, centre in self.centres.items()}
 
     def targets(self, index: np.ndarray, views: np.ndarray, batch: np.ndarray) -> dict[str, torch.Tensor]:
         """Each teacher's unit embeddings of the views `batch` (faces `index`, view numbers `views`)."""
@@ -63,7 +79,7 @@ class Distiller(nn.Module):
                 embeddings = self.cached[name][index, views]
             else:
                 embeddings = teacher.embed(batch)
-            out[name] = torch.from_numpy(np.ascontiguousarray(embeddings)).to(self.device)
+            out[name] = torch.from_numpy(np.ascontiguousarray(self._unit(name, embeddings))).to(self.device)
         return out
 
     def losses(self, student: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -80,7 +96,7 @@ class Distiller(nn.Module):
     def teacher_embeddings(self, faces: np.ndarray) -> dict[str, np.ndarray]:
         """Each teacher's embeddings of un-augmented faces (cached), e.g. held-out faces to monitor."""
         digests = face_digests(faces)
-        return {name: cache.embeddings(faces, digests, None) for name, cache in self.caches.items()}
+        return {name: self._unit(name, cache.embeddings(faces, digests, None)) for name, cache in self.caches.items()}
 
     @torch.no_grad()
     def agreement(self, student: torch.Tensor, teacher: dict[str, np.ndarray]) -> dict[str, float]:

@@ -118,6 +118,10 @@ class DistillConfig:
     (default `$FACTORY_CACHE/teacher-embeddings`) and reused across runs and recipes.
     `unlabelled`: further split files (a face path per line, relative to data.root, any label ignored)
     whose faces join only the distillation losses; no face of an evaluation identity is accepted.
+    `center_teachers`: subtract each teacher's mean embedding over the training faces from its targets and
+    re-normalise them. A teacher whose embeddings all sit in a narrow cone (dlib's: unrelated faces at cosine
+    0.84 +- 0.04) otherwise makes the cosine loss reward the cone's axis and the relational loss pull unrelated
+    faces together, against the label loss (docs/distillation.md).
     """
 
     teachers: list[str]
@@ -128,6 +132,7 @@ class DistillConfig:
     cached_views: int = 8
     cache_dir: str | None = None
     unlabelled: list[str] = field(default_factory=list)
+    center_teachers: bool = False
 
 
 @dataclass

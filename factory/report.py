@@ -339,9 +339,10 @@ def _distillation_lines(distill: dict[str, Any] | None, teachers: dict[str, Any]
     """Which teachers taught the model, their licences and training data, and what that means for LFW."""
     if not distill:
         return []
+    centred = "; targets centred on each teacher's training mean" if distill.get("center_teachers") else ""
     lines = [f"- Distilled from {', '.join(distill['teachers'])} (loss: {distill.get('label_weight')} x label + "
              f"{distill.get('cosine_weight')} x projected cosine + {distill.get('relational_weight')} x relational; "
-             f"teacher outputs {distill.get('teacher_outputs')}):"]
+             f"teacher outputs {distill.get('teacher_outputs')}{centred}):"]
     for name in distill["teachers"]:
         card = teachers.get(name) or {}
         lines.append(f"  - {name}: {card.get('licence', '?')} licence, weights sha256 {str(card.get('digest'))[:16]}…; "

@@ -495,6 +495,8 @@ def _train(recipe: Recipe, cfg: TrainConfig, output: Path, device: str, ranks: R
         log(f"{ranks.world} ranks finished; largest weight difference between ranks: {spread:.3g}")
     if distiller is not None:
         summary["teachers"] = {name: teacher_card(name, teacher.digest) for name, teacher in distiller.teachers.items()}
+        if distiller.centres:
+            summary["teacher_centre_norms"] = distiller.centre_norms()
     if not ranks.main:
         return summary
     final = _monitor(model, head, monitor_x, monitor_y)

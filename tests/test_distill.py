@@ -124,6 +124,44 @@ def test_teacher_cache_reuses_entries_and_refuses_stale_ones(tmp_path: Path) -> 
         TeacherCache(impostor, moved).embeddings(faces, face_digests(faces), view=2)
 
 
+def test_centred_targets_spread_a_teacher_cone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A teacher whose embeddings share one axis (mean colours: unrelated faces at cosine > 0.9) gets targets
+    centred on its training mean: unit length, unrelated faces near cosine 0, held-out faces centred alike."""
+    from factory import distill
+    from factory.recipe import DistillConfig
+
+    monkeypatch.setattr(distill, "load_teacher", lambda name, device: CountingTeacher("d" * 64))
+    rng = np.random.default_rng(1)
+    faces = rng.integers(0, 256, size=(48, 112, 112, 3), dtype=np.uint8)
+    raw = CountingTeacher("d" * 64).embed(faces)
+    off = ~np.eye(len(faces), dtype=bool)
+    assert (raw @ raw.T)[off].mean() > 0.9, "the fake teacher must have a narrow cone for this test to mean anything"
+
+    def build(center: bool) -> distill.Distiller:
+        cfg = DistillConfig(teachers=["counting"], teacher_outputs="online", center_teachers=center)
+        return distill.Distiller(cfg, 8, faces, 0, tmp_path, "cpu", log=lambda _: None)
+
+    index, views = np.arange(len(faces)), np.zeros(len(faces), dtype=int)
+    plain = build(False).targets(index, views, faces)["counting"].numpy()
+    assert np.allclose(plain, raw, atol=1e-6), "without center_teachers the targets are the teacher's own"
+
+    centred_distiller = build(True)
+    centre = raw.mean(axis=0)
+    assert np.allclose(centred_distiller.centres["counting"], centre, atol=1e-6)
+    assert centred_distiller.centre_norms()["counting"] == pytest.approx(float(np.linalg.norm(centre)), abs=1e-4)
+    targets = centred_distiller.targets(index, views, faces)["counting"].numpy()
+    expected = (raw - centre) / np.linalg.norm(raw - centre, axis=1, keepdims=True)
+    assert np.allclose(targets, expected, atol=1e-5)
+    assert np.allclose(np.linalg.norm(targets, axis=1), 1.0, atol=1e-5)
+    assert abs((targets @ targets.T)[off].mean()) < 0.1
+
+    held_out = rng.integers(0, 256, size=(5, 112, 112, 3), dtype=np.uint8)
+    monitored = centred_distiller.teacher_embeddings(held_out)["counting"]
+    held_raw = CountingTeacher("d" * 64).embed(held_out)
+    assert np.allclose(monitored, (held_raw - centre) / np.linalg.norm(held_raw - centre, axis=1, keepdims=True),
+                       atol=1e-5), "held-out faces are centred on the training mean, not their own"
+
+
 def _recipe(tmp_path: Path, faces_root: Path, train: dict) -> Path:
     data = shipped_recipe_dict(faces_root)
     data["weights"] = {"path": str(tmp_path / "student.safetensors")}
