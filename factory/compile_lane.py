@@ -78,6 +78,23 @@ def _worker() -> ProcessPoolExecutor:
     return _WORKER
 
 
+def _wait_stopped(pid: int, timeout: float = 5.0) -> None:
+    """Wait until process `pid` is stopped (its /proc state `T` or `t`); give up after `timeout` seconds, or at
+    once where there is no /proc (the block then starts as soon as the signal is sent)."""
+    import time
+
+    stat = Path(f"/proc/{pid}/stat")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = stat.read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return
+        if state in ("T", "t"):
+            return
+        time.sleep(0.001)
+
+
 class CompileLane:
     """The compile requests of one `compile_and_verify` call, compiled in order in the worker."""
 
@@ -112,12 +129,16 @@ class CompileLane:
     def quiet(self) -> Iterator[None]:
         """Pause the worker for the block (a latency measurement must not share the cores with a compile).
 
-        The worker is stopped with SIGSTOP and continued afterwards; a compile in progress just waits.
+        The worker is stopped with SIGSTOP and continued afterwards; a compile in progress just waits. SIGSTOP
+        takes effect when the kernel next schedules the worker, which on busy cores can be a while after `kill`
+        returns, so the block starts only once the worker is seen stopped.
         """
         # `_processes` (pid -> process) is the executor's own record of its workers; empty until the first submit.
         paused = list(_WORKER._processes or {}) if _WORKER is not None and self.futures else []
         for pid in paused:
             os.kill(pid, signal.SIGSTOP)
+        for pid in paused:
+            _wait_stopped(pid)
         try:
             yield
         finally:
