@@ -72,6 +72,7 @@ def summarise(reports: list[BuildReport]) -> dict[str, Any]:
             "recipe": report.recipe,
             "verdict": report.verdict,
             "created": report.created,
+            "cpu": str((report.inputs or {}).get("cpu") or "not recorded").split(";")[0],
             "architecture": model.architecture,
             "paper": model.paper,
             "paper_numbers": model.paper_numbers,
@@ -142,13 +143,18 @@ def render_markdown(title: str, summary: dict[str, Any], figure: str | None, sou
 
     lines += table("LFW accuracy of each deployed artifact (drop vs PyTorch, mean cosine to PyTorch)", accuracy)
     lines += table(f"Host latency per face ({summary['latency']}), ms median / p90", latency)
+    cpus = sorted({r["cpu"] for r in rows})
+    if len(cpus) > 1:
+        lines += ["", "The builds' latencies were measured on different machines (" + ", ".join(
+            f"{r['recipe']}: {r['cpu']}" for r in rows) + "); compare them only between builds of the same CPU."]
     lines += table("Artifact size", lambda a: f"{a['bytes'] / 1e6:.2f} MB")
     if figure:
         lines += ["", f"![accuracy against cost]({figure})"]
-    lines += ["", "## Builds compared", "", "| recipe | built | weights sha256 | training |", "|---|---|---|---|"]
+    lines += ["", "## Builds compared", "", "| recipe | built | CPU | weights sha256 | training |",
+              "|---|---|---|---|---|"]
     for r in rows:
         weights = f"`{r['weights_sha256'][:16]}…`" if r["weights_sha256"] else "imported, pretrained"
-        lines.append(f"| {r['recipe']} | {r['created']} | {weights} | {_training(r['training'])} |")
+        lines.append(f"| {r['recipe']} | {r['created']} | {r['cpu']} | {weights} | {_training(r['training'])} |")
     return "\n".join(lines) + "\n"
 
 
