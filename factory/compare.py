@@ -20,6 +20,7 @@ from factory.errors import FactoryError
 from factory.io import atomic_path, write_text_atomic
 from factory.report import percent
 from factory.report_schema import Artifact, BuildReport, ReportSchemaError, read_report
+from factory.results import cpu_of
 
 # Host latency is compared at one thread: the phone runners' default and the least noisy setting here.
 LATENCY_KEY = "1_thread"
@@ -72,7 +73,7 @@ def summarise(reports: list[BuildReport]) -> dict[str, Any]:
             "recipe": report.recipe,
             "verdict": report.verdict,
             "created": report.created,
-            "cpu": str((report.inputs or {}).get("cpu") or "not recorded").split(";")[0],
+            "cpu": cpu_of(report),
             "architecture": model.architecture,
             "paper": model.paper,
             "paper_numbers": model.paper_numbers,

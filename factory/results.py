@@ -34,7 +34,7 @@ def _int8(report: BuildReport, fmt: str) -> str:
     return "—"
 
 
-def _cpu(report: BuildReport) -> str:
+def cpu_of(report: BuildReport) -> str:
     """The CPU model of the machine that built the report (its latencies were measured there)."""
     cpu = (report.inputs or {}).get("cpu")
     return str(cpu).split(";")[0] if cpu else "not recorded"
@@ -86,7 +86,7 @@ def results_rows(recipes_dir: Path, reports_dir: Path) -> list[dict[str, str]]:
             "LFW-identity-free": clean,
             "paper LFW": percent(paper),
             "verdict": report.verdict,
-            "latency CPU": _cpu(report),
+            "latency CPU": cpu_of(report),
         })
     return rows
 
