@@ -12,6 +12,7 @@ pure function of (seed, face, view number) and teacher outputs of fixed views ca
 from __future__ import annotations
 
 import math
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import cv2
@@ -121,7 +122,18 @@ def face_keys(digests: list[str]) -> np.ndarray:
     return np.array([int(digest[:15], 16) for digest in digests], np.int64)
 
 
-def strong_views(images: np.ndarray, keys: np.ndarray, views: np.ndarray, seed: int) -> np.ndarray:
-    """View `views[i]` of face `images[i]` (keys from `face_keys`) for a whole NHWC uint8 batch."""
-    return np.stack([strong_view(image, view_generator(seed, int(key), int(view)))
-                     for image, key, view in zip(images, keys, views, strict=True)])
+def strong_views(images: np.ndarray, keys: np.ndarray, views: np.ndarray, seed: int,
+                 pool: Executor | None = None) -> np.ndarray:
+    """View `views[i]` of face `images[i]` (keys from `face_keys`) for a whole NHWC uint8 batch.
+
+    `pool` draws the views on its threads (OpenCV releases the GIL); each view has its own generator, so the
+    batch is the same either way.
+    """
+    if len(images) != len(keys) or len(images) != len(views):
+        raise ValueError(f"{len(images)} images, {len(keys)} keys, {len(views)} views: expected one of each per face")
+
+    def one(i: int) -> np.ndarray:
+        return strong_view(images[i], view_generator(seed, int(keys[i]), int(views[i])))
+
+    indices = range(len(images))
+    return np.stack(list(pool.map(one, indices)) if pool is not None else [one(i) for i in indices])

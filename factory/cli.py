@@ -167,6 +167,17 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pack(args: argparse.Namespace) -> int:
+    from factory.pack import pack
+
+    out = Path(args.out)
+    manifest = pack(Path(args.recipe), out, pairs=args.pairs, max_mib=args.max_mib, data_root=args.data_root)
+    print(f"packed {len(manifest['files'])} files, {manifest['bytes'] / (1 << 20):.1f} MiB, into {out} "
+          f"({manifest['held_out_pairs']} evaluation pairs); on the other machine, with this repository's factory/:")
+    print(f"  {manifest['command']}")
+    return 0
+
+
 def _curve(args: argparse.Namespace) -> int:
     import torch
 
@@ -390,6 +401,17 @@ def make_parser() -> argparse.ArgumentParser:
                        help="which model to train: the recogniser (`model`, the default) or a stage of the recipe's "
                             "pipeline (e.g. detector)")
     train.set_defaults(handler=_train)
+
+    pack = commands.add_parser("pack", help="copy a recipe's training run (faces, teachers, starting weights) into "
+                                            "one folder, to train it on another machine")
+    pack.add_argument("recipe")
+    pack.add_argument("out", help="the pack's folder (must not exist yet)")
+    pack.add_argument("--pairs", type=int, default=HELD_OUT_PAIRS,
+                      help=f"evaluation pairs to pack, fold-balanced (default {HELD_OUT_PAIRS}: the pairs training "
+                           "scores after each epoch)")
+    pack.add_argument("--max-mib", type=float, help="refuse a pack larger than this (a transfer limit)")
+    pack.add_argument("--data-root", help="use this face folder instead of data.root")
+    pack.set_defaults(handler=_pack)
 
     curve = commands.add_parser("curve", help="held-out accuracy against training identities and epochs")
     curve.add_argument("recipe")

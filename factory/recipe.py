@@ -685,6 +685,14 @@ def _with_base(data: Any, path: Path, chain: tuple[Path, ...]) -> Any:
     return deep_merge(base, data)
 
 
+def read_recipe_mapping(path: Path) -> dict[str, Any]:
+    """The recipe file's plain mapping with its `base:` merged in, before validation (to write a changed copy)."""
+    data = _with_base(_read_yaml(path), path, (path.resolve(),))
+    if not isinstance(data, dict):
+        raise RecipeError(str(path), ["expected a mapping of recipe keys"])
+    return data
+
+
 def load_recipe(path: str | Path, data_root: str | None = None,
                 if_no_data: Callable[[dict[str, Any], Path], None] | None = None) -> Recipe:
     """Read, validate and resolve a recipe file.

@@ -12,7 +12,9 @@ Two ways in, by `train.format` (judged from `train.split` when unset):
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,8 +57,12 @@ class FacesInMemory:
 
     streamed = False
 
-    def __init__(self, recipe: Recipe, cfg: TrainConfig, ranks: Ranks, unlabelled: list[Path]) -> None:
+    def __init__(self, recipe: Recipe, cfg: TrainConfig, ranks: Ranks, unlabelled: list[Path],
+                 augment_threads: int = 1) -> None:
         self.cfg, self.ranks = cfg, ranks
+        # Strong views drawn on threads when the model trains elsewhere (a GPU): on the CPU they would take
+        # the cores training uses. The views are the same either way.
+        self.pool = ThreadPoolExecutor(augment_threads) if augment_threads > 1 else None
         items = read_split(data_path(recipe, cfg.split), recipe.resolve(recipe.data.root))
         if cfg.identity_fraction < 1.0:
             identities = sorted({label for _, label in items})
@@ -103,7 +109,7 @@ class FacesInMemory:
             views = None
             if cfg.augmentation == "strong":
                 views = draws[self.share]
-                batch = strong_views(self.images[index], self.view_keys[index], views, cfg.seed)
+                batch = strong_views(self.images[index], self.view_keys[index], views, cfg.seed, self.pool)
             else:
                 batch = apply_basic(self.images[index], draws[self.share], cfg.max_shift)
             labelled_total = int((self.labels[batches[batch_index]] >= 0).sum())
@@ -177,7 +183,8 @@ def training_faces(recipe: Recipe, cfg: TrainConfig, ranks: Ranks, unlabelled: l
     pattern = any(char in split for char in "{*?[")
     format = cfg.format or ("webdataset" if pattern else sniff_format(data_path(recipe, split)))
     if format == "list":
-        return FacesInMemory(recipe, cfg, ranks, unlabelled)
+        threads = min(8, os.cpu_count() or 1) if device.startswith("cuda") else 1
+        return FacesInMemory(recipe, cfg, ranks, unlabelled, augment_threads=threads)
     if unlabelled:
         raise FactoryError("train.distill.unlabelled faces join a list split in memory; the split is "
                            f"{format} data read while training")

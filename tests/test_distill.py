@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,8 @@ def test_strong_views_are_a_function_of_seed_face_and_view() -> None:
     again = strong_views(faces[::-1], keys[::-1], np.array([3, 2, 1, 0]), seed=7)[::-1]
     assert first.shape == faces.shape and first.dtype == np.uint8
     assert np.array_equal(first, again), "a view must not depend on the batch it is drawn in"
+    with ThreadPoolExecutor(3) as pool:  # drawn on threads (training on a GPU): the same views
+        assert np.array_equal(first, strong_views(faces, keys, np.array([0, 1, 2, 3]), seed=7, pool=pool))
     other_view = strong_views(faces, keys, np.array([1, 1, 1, 1]), seed=7)
     assert not np.array_equal(first[0], other_view[0])
     other_seed = strong_views(faces, keys, np.array([0, 1, 2, 3]), seed=8)

