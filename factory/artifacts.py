@@ -22,10 +22,10 @@ from torch import nn
 from factory import gates, triage
 from factory.compile_lane import CompileLane, compile_here
 from factory.io import artifact_bytes
-from factory.latency import all_threads, latency_rows
+from factory.latency import latency_rows
 from factory.report_schema import Artifact, from_data, to_data
 from factory.stages import Stage, StageLog
-from factory.targets import CompiledArtifact, CompileRequest, Runner, Target, get_target
+from factory.targets import CompiledArtifact, CompileRequest, Runner, Target, get_target, verification_runner
 from factory.weights import sha256_of
 
 
@@ -109,7 +109,9 @@ class ArtifactResult:
 
     def nchw_runner(self, threads: int | None = None) -> Runner:
         """A runner of the artifact that takes NCHW input whatever its layout (loaded now)."""
-        return nchw(self.target.load_runner(self.path, threads or all_threads()), self.input_layout)
+        runner = (verification_runner(self.target, self.path) if threads is None
+                  else self.target.load_runner(self.path, threads))
+        return nchw(runner, self.input_layout)
 
     def to_dict(self) -> dict[str, Any]:
         return to_data(self.report)
@@ -189,7 +191,7 @@ def _triage(spec: StageSpec, target: Target, request: CompileRequest, first_arti
         artifact = compile_here(target, req)
         with log.stage(Stage.TRIAGE, f"{artifact.path.name} on {spec.what(target)} (observer {req.observer}, "
                                      f"{len(req.float_layers)} float layer(s))"):
-            return artifact, spec.check(target.load_runner(artifact.path, all_threads()), artifact, target).parity
+            return artifact, spec.check(verification_runner(target, artifact.path), artifact, target).parity
 
     printer(f"  {first.report.file} missed its gates: quantisation triage (triage.enabled: false turns it off)")
     chosen, artifact, record = triage.run(request, target, (first_artifact, first.report.parity),
@@ -221,7 +223,7 @@ def _verify(spec: StageSpec, target: Target, artifact: CompiledArtifact, log: St
         # The artifact's own runtime is checked last: a check that keeps per-artifact data (the build's plots)
         # keeps the last call's, so the shipped artifact's own runtime wins over further runtimes and over
         # quantisation triage's earlier attempts.
-        runner = target.load_runner(artifact.path, all_threads())
+        runner = verification_runner(target, artifact.path)
         measured = spec.check(runner, artifact, target)
     extra = {**measured.extra, **(spec.follow_up(runner, artifact, target) if spec.follow_up else {})}
     latency_ms = op_profile = None

@@ -42,7 +42,7 @@ from factory.reference_cache import reference_embeddings
 from factory.report import write_reports
 from factory.report_schema import BuildReport, from_data
 from factory.stages import Stage, StageLog, console_printer, output_to
-from factory.targets import CompiledArtifact, Runner, Target
+from factory.targets import CompiledArtifact, Runner, Target, verification_runner
 from factory.weights import sha256_of
 
 TOOL_PACKAGES = ("torch", "executorch", "litert-torch", "ai-edge-litert", "coremltools", "onnxruntime", "numpy")
@@ -235,7 +235,7 @@ def _build(recipe: Recipe, out: Path, log: StageLog, printer: Callable[[str], No
 
     pipeline: PipelineOutput | None = None
     if recipe.pipeline is not None:
-        recognisers = {f"{r.format} {r.precision}": (lambda r=r: r.target.load_runner(r.path, all_threads()),
+        recognisers = {f"{r.format} {r.precision}": (lambda r=r: verification_runner(r.target, r.path),
                                                      r.input_layout) for r in results}
         pipeline = pipeline_kind(recipe.pipeline.kind).build(PipelineInputs(
             recipe, out, log, printer, evaluation, calibration, reference_model, ref_verification["threshold"],

@@ -160,7 +160,7 @@ def evaluate(recipe: Recipe, artifact: Path | None = None, flip: bool = False) -
     The same code computes the build report's numbers, so results are comparable across formats.
     """
     from factory.models import load_backbone
-    from factory.targets import target_for_path
+    from factory.targets import target_for_path, verification_runner
 
     evaluation = load_evaluation_set(recipe)
     spec = recipe.model.input
@@ -175,7 +175,7 @@ def evaluate(recipe: Recipe, artifact: Path | None = None, flip: bool = False) -
         if not artifact.exists():
             raise FactoryError(f"artifact not found: {artifact} — build it with `python -m factory build RECIPE`")
         target = target_for_path(artifact)
-        runner = target.load_runner(artifact)
+        runner = verification_runner(target, artifact)
         layout = "NHWC" if target.format == "tflite" else "NCHW"
         subject = f"{artifact.name} in {target.runtime_name}"
         embed = runner

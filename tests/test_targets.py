@@ -57,6 +57,42 @@ def test_artifact_matches_pytorch_in_its_runtime(tiny_backbone, tmp_path, fmt, p
         assert artifact.details["xnnpack_partitions"] == 1, "MobileFaceNet's op mix runs whole in XNNPACK"
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_tflite_verifies_side_by_side_with_the_numbers_of_one_runner(tiny_backbone, tmp_path, monkeypatch,
+                                                                     precision) -> None:
+    """On several cores LiteRT verifies on one single-threaded Interpreter per core, batches side by side: the
+    embeddings are exactly those of one Interpreter on one thread, in order."""
+    import factory.latency
+    from factory.targets import base, verification_runner
+
+    target, artifact = compile_tiny(tiny_backbone, "tflite", precision, tmp_path)
+    faces = pixels(2 * base.VERIFY_BATCH + 5, 2).transpose(0, 2, 3, 1).copy()  # three batches, the last short
+    loaded = []
+    load_runner = target.load_runner
+    monkeypatch.setattr(target, "load_runner", lambda path, threads=None: loaded.append(threads)
+                        or load_runner(path, threads))
+    monkeypatch.setattr(factory.latency, "all_threads", lambda: 3)
+    side_by_side = verification_runner(target, artifact.path)(faces)
+    assert loaded == [1, 1, 1], "one single-threaded runner per core"
+    assert np.array_equal(side_by_side, load_runner(artifact.path, 1)(faces))
+    assert side_by_side.shape == (len(faces), 32)
+
+
+def test_executorch_verifies_on_one_runner_of_every_core(tiny_backbone, tmp_path, monkeypatch) -> None:
+    """ExecuTorch's Python runtime holds the GIL while it runs: side by side would only take turns."""
+    import factory.latency
+    from factory.targets import verification_runner
+
+    target, artifact = compile_tiny(tiny_backbone, "executorch", "fp32", tmp_path)
+    loaded = []
+    load_runner = target.load_runner
+    monkeypatch.setattr(target, "load_runner", lambda path, threads=None: loaded.append(threads)
+                        or load_runner(path, threads))
+    monkeypatch.setattr(factory.latency, "all_threads", lambda: 2)
+    verification_runner(target, artifact.path)
+    assert loaded == [2]
+
+
 def test_tflite_int8_really_computes_in_int8(tiny_backbone, tmp_path) -> None:
     from ai_edge_litert.interpreter import Interpreter
 

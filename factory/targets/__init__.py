@@ -11,6 +11,7 @@ from factory.targets.base import (
     register_target,
     target_for_path,
     target_names,
+    verification_runner,
 )
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "register_target",
     "target_for_path",
     "target_names",
+    "verification_runner",
 ]

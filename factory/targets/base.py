@@ -231,6 +231,43 @@ def target_for_path(path: Path) -> Target:
     raise FactoryError(f"{path}: not a known artifact type; expected one of {suffixes}")
 
 
+def verification_runner(target: Target, path: Path) -> Runner:
+    """The runner that verifies an artifact on many faces, using every core this process may use.
+
+    A target whose runtime lets go of Python's GIL while it runs (`verifies_side_by_side = True`: LiteRT) gets
+    one single-threaded runner per core, each taking batches of faces side by side. One runner on every core
+    runs each batch-1 inference across the cores and waits for all of them at every operator: on the 2-core
+    build machine, MobileFaceNet's .tflite verified 1.2x (fp32) and 1.9x (int8) faster side by side, and more
+    while the compile worker holds a core (a multi-threaded inference then waits on its descheduled thread).
+    Each face is still one batch-1 inference on one thread, so the embeddings are the same on any core count.
+    Other targets: one runner on every core (`load_runner(path, all_threads())`).
+    """
+    import queue
+
+    from factory.latency import all_threads
+    from factory.parallel import map_batches
+
+    workers = all_threads()
+    if workers == 1 or not getattr(target, "verifies_side_by_side", False):
+        return target.load_runner(path, workers)
+    idle: queue.SimpleQueue[Runner] = queue.SimpleQueue()
+    for _ in range(workers):
+        idle.put(target.load_runner(path, 1))
+
+    def run_on_an_idle_runner(batch: np.ndarray) -> np.ndarray:
+        runner = idle.get()
+        try:
+            return runner(batch)
+        finally:
+            idle.put(runner)
+
+    return lambda pixels: map_batches(run_on_an_idle_runner, pixels, VERIFY_BATCH, workers)
+
+
+# Faces per batch handed to a side-by-side verification runner (`verification_runner`).
+VERIFY_BATCH = 32
+
+
 def batched(runner_one: Callable[[np.ndarray], np.ndarray]) -> Runner:
     """Turn a batch-1 runner into one that takes a batch (mobile artifacts have batch 1)."""
 

@@ -81,6 +81,7 @@ def _is_gated_hardswish(node: torch.fx.Node) -> bool:
 
 class TFLiteTarget:
     compiles_in_worker = True  # factory.compile_lane
+    verifies_side_by_side = True  # factory.targets.base.verification_runner: Interpreter.invoke releases the GIL
     format = "tflite"
     suffix = ".tflite"
     precisions = ("fp32", "int8")
