@@ -324,7 +324,13 @@ def test_the_fast_facenet_sweep_shares_one_base() -> None:
         recipe = load_recipe(path)
         assert recipe.model.architecture == path.stem and recipe.data.calibration.count == 500
         assert recipe.gates["int8"].cosine_mean_min == 0.99
-    labels_only = load_recipe(REPO / "recipes" / "fastfacenet_0_5.yaml")
+    distilled = load_recipe(REPO / "recipes" / "fastfacenet_0_5.yaml")
+    assert (distilled.train.loss, distilled.train.distill.teachers, distilled.gates["w8"].lfw_accuracy_drop_max,
+            distilled.gates["w8"].cosine_mean_min) == ("arcface", ["mobileface_v2"], 0.005, 0.999)
+    # A mapping key set to null in the recipe replaces the base's value: all pairs instead of the base's 1,200.
+    assert distilled.data.evaluation.emulated_max_pairs is None
+    assert load_recipe(REPO / "recipes" / "fastfacenet_1_0.yaml").data.evaluation.emulated_max_pairs == 1200
+    labels_only = load_recipe(REPO / "recipes" / "candidates" / "fastfacenet_0_5_labels.yaml")
     assert (labels_only.train.loss, labels_only.train.distill, labels_only.gates["w8"].lfw_accuracy_drop_max,
             labels_only.gates["w8"].cosine_mean_min) == ("triplet", None, 0.01, 0.999)
     assert load_recipe(REPO / "recipes" / "fastfacenet_0_25.yaml").targets[2].w8_keep_float16_up_to == 4096
