@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -350,7 +351,9 @@ def test_row_that_cannot_cool_is_measured_and_flagged(lab: PhoneLab, build: Path
         assert 49.5 < cool["start_c"] <= 50.0 and "still above 40 C after 0.5 s" in cool["note"]
     report = (build / "devices.md")
     main(["report", str(build)])
-    assert "(waited 0.5" in report.read_text() and "STILL HOT > 40" in report.read_text()
+    # The wait overshoots its 0.5-s bound by up to a poll, more when the host's cores are busy.
+    flagged = re.findall(r"\(waited (\d+(?:\.\d+)?) s, STILL HOT > 40\)", report.read_text())
+    assert len(flagged) == 2 and all(0.5 <= float(waited) <= 2.5 for waited in flagged), report.read_text()
 
     fallback = [row["cool_down"] for artifact in results[no_zone.serial]["artifacts"] for row in artifact["latency"]]
     assert [c["source"] for c in fallback] == ["battery", "battery"] and fallback[0]["zone"] is None
