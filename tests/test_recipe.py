@@ -1,3 +1,4 @@
+import hashlib
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -334,3 +335,18 @@ def test_the_fast_facenet_sweep_shares_one_base() -> None:
     assert (labels_only.train.loss, labels_only.train.distill, labels_only.gates["w8"].lfw_accuracy_drop_max,
             labels_only.gates["w8"].cosine_mean_min) == ("triplet", None, 0.01, 0.999)
     assert load_recipe(REPO / "recipes" / "fastfacenet_0_25.yaml").targets[2].w8_keep_float16_up_to == 4096
+
+
+def test_every_shipped_training_start_is_a_row_of_its_model_cards_ablation() -> None:
+    """A staged recipe's card scores the weights its training starts from, and those are the committed bytes."""
+    staged = 0
+    for path in sorted((REPO / "recipes").glob("*.yaml")):
+        recipe = load_recipe(path)
+        if recipe.train is None or recipe.train.init_from is None:
+            continue
+        staged += 1
+        start = recipe.resolve(recipe.train.init_from)
+        rows = [row for row in recipe.ablation if recipe.resolve(row.weights.path) == start]
+        assert len(rows) == 1, f"{path.name}: no ablation row scores {start.name}, where its training starts"
+        assert rows[0].weights.sha256 == hashlib.sha256(start.read_bytes()).hexdigest(), path.name
+    assert staged >= 8
