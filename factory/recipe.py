@@ -176,6 +176,10 @@ class TrainConfig:
     compile: bool = False
     sync_batchnorm: bool = False
     checkpoint_every: int = 0
+    # Run the model's forward pass on chunks of this many faces (0: the whole batch at once); the losses still see
+    # the whole batch. Batch norm then normalises each chunk by its own statistics ("ghost" batch norm). On CPUs a
+    # chunk whose activations stay in cache trains wide networks about 2x faster (docs/training.md).
+    micro_batch: int = 0
     # ArcFace centres split across the training processes (partial FC, `factory.partial_fc`), for identity counts
     # whose classifier does not fit one GPU; `head_sample_rate` < 1 uses that share of each rank's centres per step
     # (every class in the batch plus random negatives).
@@ -525,6 +529,9 @@ def _check_rules(recipe: Recipe, problems: list[str]) -> None:
                             f"{recipe.train.loader_workers}")
         if not 0.0 <= recipe.train.max_bad_share < 1.0:
             problems.append(f"train.max_bad_share: a fraction in [0, 1), got {recipe.train.max_bad_share}")
+        if recipe.train.micro_batch < 0 or recipe.train.micro_batch == 1:
+            problems.append(f"train.micro_batch: 0 (the whole batch) or a chunk of at least 2 faces, got "
+                            f"{recipe.train.micro_batch}")
         if recipe.train.checkpoint_every < 0:
             problems.append(f"train.checkpoint_every: 0 (after each epoch only) or a number of steps, got "
                             f"{recipe.train.checkpoint_every}")

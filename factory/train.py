@@ -236,7 +236,14 @@ class _Objective(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, labelled_total: int, world: int,
                 targets: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        embeddings = self.forward_model(x).float()
+        chunk = self.cfg.micro_batch
+        if chunk and len(x) > chunk:
+            # Chunks of equal size (none of a single face, which batch norm cannot normalise); each chunk's graph
+            # is kept and one backward pass goes through all of them.
+            parts_count = -(-len(x) // chunk)
+            embeddings = torch.cat([self.forward_model(part) for part in x.tensor_split(parts_count)]).float()
+        else:
+            embeddings = self.forward_model(x).float()
         parts: dict[str, torch.Tensor] = {}
         if self.cfg.loss == "triplet":
             parts["label"] = triplet_loss(embeddings, y, self.cfg.triplet_margin)

@@ -289,3 +289,60 @@ def test_torch_compile_trains_like_eager_and_checkpoints_the_plain_model(tmp_pat
     plain = torch.cat([p.grad.flatten() for p in model.parameters()])
     fused = torch.cat([p.grad.flatten() for p in twin.parameters()])
     assert (plain - fused).norm() < 1e-2 * plain.norm()
+
+
+def test_micro_batches_change_only_batch_norms_statistics(tmp_path: Path) -> None:
+    from factory.recipe import TrainConfig
+    from factory.train import _make_head, _Objective
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    recipe = make_recipe(tmp_path, epochs=2, weights="chunked.safetensors")
+    model = create_model(recipe.model.architecture, **recipe.model.builder_kwargs())
+    head = _make_head(recipe.train, recipe.model.embedding_size, num_classes=5)
+    images, labels = torch.randn(10, 3, 112, 112), torch.arange(10) % 5
+
+    def step(micro_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = TrainConfig(**{**recipe.train.__dict__, "micro_batch": micro_batch})
+        model.zero_grad(set_to_none=True)
+        loss = _Objective(model, head, None, cfg)(images, labels, len(labels), 1, None)["total"]
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    # With batch norm on its running statistics the chunks (10 faces as 4 + 3 + 3) are the same computation as
+    # one batch: the loss and every gradient agree to float rounding.
+    model.eval()
+    whole_loss, whole_grad = step(0)
+    chunked_loss, chunked_grad = step(4)
+    assert chunked_loss == pytest.approx(whole_loss.item(), rel=1e-5)
+    assert (chunked_grad - whole_grad).norm() < 1e-4 * whole_grad.norm()
+
+    # Training mode: each chunk is normalised by its own statistics, so its embeddings are those of the chunk run
+    # alone, and differ from the whole batch's.
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(**{**recipe.train.__dict__, "micro_batch": 5})
+    captured = []
+    _Objective(model, head, None, cfg, forward_model=lambda x: captured.append(model(x)) or captured[-1])(
+        images, labels, len(labels), 1, None)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        alone = model(images[:5])
+        whole = model(images)
+    assert len(captured) == 2 and torch.allclose(captured[0].detach(), alone, atol=1e-5)
+    assert not torch.allclose(captured[0].detach(), whole[:5], atol=1e-3)
+
+    # A whole training run with chunks trains, and records the setting.
+    recipe.train.micro_batch = 3
+    summary = train(recipe, recipe.resolve("chunked.safetensors"), device="cpu", log=lambda _: None)
+    losses = [record["loss"] for record in summary["history"]]
+    assert summary["train_config"]["micro_batch"] == 3 and losses[1] < losses[0]
+
+
+def test_micro_batch_of_one_face_is_refused(tmp_path: Path) -> None:
+    data = recipe_dict(synthetic_dataset(tmp_path / "faces"), weights="w.safetensors")
+    data["train"]["micro_batch"] = 1
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(FactoryError, match=r"train\.micro_batch: 0 .* at least 2 faces, got 1"):
+        load_recipe(path)
